@@ -1,0 +1,61 @@
+"""LV-ViT variants by name: ``create_model("lvvit_s", img_size=384, checkpoint=...)``."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from lvvit.models.checkpoint import load_checkpoint
+from lvvit.models.lvvit import LVViT, LVViTConfig
+
+MODEL_CONFIGS: dict[str, LVViTConfig] = {
+    "lvvit_t": LVViTConfig(embed_dim=240, depth=12, num_heads=4, skip_lam=1.0, drop_path_rate=0.1),
+    "lvvit_s": LVViTConfig(embed_dim=384, depth=16, num_heads=6, skip_lam=2.0, drop_path_rate=0.1),
+    "lvvit_m": LVViTConfig(
+        embed_dim=512, depth=20, num_heads=8, skip_lam=2.0, drop_path_rate=0.2, crop_pct=1.0
+    ),
+    "lvvit_l": LVViTConfig(
+        embed_dim=768, depth=24, num_heads=12, skip_lam=3.0, drop_path_rate=0.3, stem_width=128,
+        crop_pct=1.0,
+    ),
+}
+
+
+def list_models() -> list[str]:
+    return sorted(MODEL_CONFIGS)
+
+
+def model_config(name: str, **overrides) -> LVViTConfig:
+    """The named variant's config with any field replaced (e.g. ``depth=2`` for tests)."""
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
+    return replace(MODEL_CONFIGS[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def create_model(
+    name: str,
+    img_size: int = 224,
+    num_classes: int = 1000,
+    drop_path_rate: float | None = None,
+    checkpoint: str | Path | None = None,
+    use_ema: bool = False,
+    mix_generator: torch.Generator | None = None,
+    **overrides,
+) -> LVViT:
+    """Build a variant; with ``checkpoint``, load weights from it (official or ours).
+
+    ``overrides`` replace architecture fields (``embed_dim``, ``depth``, ``num_heads``,
+    ``stem_width``, ``mix_token`` ...), which is how tests and the demo get tiny models.
+    """
+    cfg = model_config(
+        name, img_size=img_size, num_classes=num_classes, drop_path_rate=drop_path_rate, **overrides
+    )
+    model = LVViT(cfg, mix_generator=mix_generator)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint, use_ema=use_ema)
+    return model
+
+
+__all__ = ["MODEL_CONFIGS", "LVViT", "LVViTConfig", "create_model", "list_models", "model_config"]
