@@ -7,7 +7,12 @@ from pathlib import Path
 
 import torch
 
-from lvvit.models.checkpoint import load_checkpoint
+from lvvit.models.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_state_dict,
+    resize_pos_embed,
+)
 from lvvit.models.lvvit import LVViT, LVViTConfig
 
 MODEL_CONFIGS: dict[str, LVViTConfig] = {
@@ -58,4 +63,15 @@ def create_model(
     return model
 
 
-__all__ = ["MODEL_CONFIGS", "LVViT", "LVViTConfig", "create_model", "list_models", "model_config"]
+__all__ = [
+    "MODEL_CONFIGS",
+    "CheckpointError",
+    "LVViT",
+    "LVViTConfig",
+    "create_model",
+    "list_models",
+    "load_checkpoint",
+    "model_config",
+    "read_state_dict",
+    "resize_pos_embed",
+]

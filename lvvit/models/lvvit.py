@@ -7,7 +7,7 @@ checkpoints load with ``strict=True`` and no key renaming.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +126,13 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x))) / self.skip_lam
 
 
+def init_linear(m: nn.Linear) -> None:
+    """Official init of every Linear (timm ViT style): trunc-normal std 0.02, zero bias."""
+    nn.init.trunc_normal_(m.weight, std=0.02)
+    if m.bias is not None:
+        nn.init.zeros_(m.bias)
+
+
 def sample_mix_box(grid_h: int, grid_w: int, generator: torch.Generator | None = None) -> MixBox:
     """CutMix-style box on the token grid: lam ~ Beta(1, 1), side fraction sqrt(1 - lam), clipped.
 
@@ -173,7 +180,8 @@ class LVViT(nn.Module):
         self.patch_embed = PatchEmbed4_2(cfg.in_chans, cfg.stem_width, dim, cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid_size**2 + 1, dim))
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        # On the CPU even under a ``torch.device("meta")`` context, where .tolist() cannot read.
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
             Block(dim, cfg.num_heads, cfg.mlp_ratio, cfg.skip_lam, rate) for rate in rates
         )
@@ -187,22 +195,20 @@ class LVViT(nn.Module):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                init_linear(m)
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
     def reset_classifier(self, num_classes: int) -> None:
-        """New class and aux heads (transfer to another label set)."""
-        dim = self.cfg.embed_dim
+        """New class and aux heads (transfer to another label set), where the old ones lived."""
+        dim, like = self.cfg.embed_dim, self.head.weight
+        self.cfg = replace(self.cfg, num_classes=num_classes)
         self.num_classes = num_classes
-        self.head = nn.Linear(dim, num_classes)
-        self.aux_head = nn.Linear(dim, num_classes)
+        self.head = nn.Linear(dim, num_classes, device=like.device, dtype=like.dtype)
+        self.aux_head = nn.Linear(dim, num_classes, device=like.device, dtype=like.dtype)
         for head in (self.head, self.aux_head):
-            nn.init.trunc_normal_(head.weight, std=0.02)
-            nn.init.zeros_(head.bias)
+            init_linear(head)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in backward: memory for compute at 448/512."""
