@@ -1,0 +1,146 @@
+"""lvvit-shards: pack an ImageFolder tree into WebDataset shards (optionally with the
+official TokenLabeling maps), look inside shards, and preview their token labels."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def _byte_size(text: str) -> int:
+    """``500M``, ``1G``, ``1048576``."""
+    text = text.strip().lower().removesuffix("b").removesuffix("i")
+    scale = _SUFFIXES.get(text[-1:], 1)
+    try:
+        return int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500M, 1G)") from None
+
+
+def _add_build(sub) -> None:
+    p = sub.add_parser(
+        "build",
+        help="ImageFolder tree -> prefix-%%06d.tar shards + classes.json + manifest.json",
+        description="Pack ROOT/<class>/<image> into WebDataset shards in a seeded shuffled order. "
+        "Images that do not decode or have no label map are reported and left out. "
+        "Re-running the same command resumes: finished shards are kept.",
+    )
+    p.add_argument("root", metavar="ROOT", help="ImageFolder root: ROOT/<class>/<image>")
+    p.add_argument("--out", required=True, help="output folder (one folder per split)")
+    p.add_argument("--prefix", default="train", help="shard name prefix (default: train)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--shard-size", type=int, default=None, help="samples per shard (default: 1000)")
+    size.add_argument("--shard-bytes", type=_byte_size, default=None,
+                      help="largest tar size instead, e.g. 500M or 1G")
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed (default: 0)")
+    p.add_argument("--max-size", type=int, default=None,
+                   help="re-encode images whose longer side exceeds this (JPEG q95); default: keep originals")
+    p.add_argument("--label-root", default=None,
+                   help="official TokenLabeling maps: LABEL_ROOT/<class>/<image stem>.pt, [2,k,H,W] fp16")
+    p.add_argument("--class-names", default=None,
+                   help="'wnid name' lines (ImageNet's LOC_synset_mapping.txt) for classes.json names")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="decode/encode processes (default: min(8, CPUs))")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace shards of this prefix left by a build with other inputs or settings")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_preview(sub) -> None:
+    p = sub.add_parser(
+        "preview",
+        help="PNG grid of samples with their token-label maps drawn over them",
+        description="Top-1 class per cell as a colour, its softmax score as opacity, over the box "
+        "the map covers; --crop adds a random training crop and the token targets it gets.",
+    )
+    p.add_argument("shards", metavar="SHARDS", help="shard folder (with manifest.json), a manifest, or one .tar")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--n", type=int, default=16, help="samples to show (default: 16)")
+    p.add_argument("--crop", action="store_true", help="also show a random crop and its token targets")
+    p.add_argument("--tile", type=int, default=192, help="tile side in pixels (default: 192)")
+    p.add_argument("--tokens", type=int, default=14, help="token grid of the crop targets (default: 14)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random crops (default: 0)")
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="samples, shards, classes and label-map shape of a shard folder")
+    p.add_argument("shards", metavar="SHARDS", help="shard folder (with manifest.json), a manifest, or one .tar")
+
+
+def _build(args) -> int:
+    from lvvit.data.shards import BuildConfig, ShardBuildError, build_shards
+
+    config = BuildConfig(
+        root=args.root,
+        out=args.out,
+        prefix=args.prefix,
+        shard_size=args.shard_size or 1000,
+        shard_bytes=args.shard_bytes,
+        seed=args.seed,
+        max_size=args.max_size,
+        label_root=args.label_root,
+        class_names=args.class_names,
+        workers=args.workers,
+        overwrite=args.overwrite,
+    )
+    try:
+        summary = build_shards(config, progress=not args.quiet)
+    except ShardBuildError as exc:
+        print(f"lvvit-shards: error: {exc}", file=sys.stderr)
+        return 2
+    skipped = summary["skipped"]
+    print(
+        f"{summary['total']} samples in {len(summary['shards'])} shards under {args.out} "
+        f"({summary['resumed_shards']} kept from an earlier run), {len(skipped)} left out, "
+        f"{summary['reencoded']} re-encoded"
+    )
+    for entry in skipped[:20]:
+        print(f"  left out {entry['key']}: {entry['reason']}")
+    if len(skipped) > 20:
+        print(f"  ... and {len(skipped) - 20} more")
+    print(f"summary: {Path(args.out) / (args.prefix + '-summary.json')}")
+    return 0 if summary["total"] else 1
+
+
+def _preview(args) -> int:
+    from lvvit.data.preview import render_preview
+
+    width, height = render_preview(args.shards, args.out, n=args.n, crop=args.crop, tile=args.tile,
+                                   tokens=args.tokens, seed=args.seed)
+    print(f"wrote {args.out} ({width}x{height})")
+    return 0
+
+
+def _info(args) -> int:
+    from lvvit.data.labelmap import decode_tlm
+    from lvvit.data.preview import load_class_names
+    from lvvit.data.shards import iter_shard, shard_paths
+
+    paths = shard_paths(args.shards)
+    location = Path(args.shards)
+    manifest = (location if location.is_dir() else location.parent) / "manifest.json"
+    total = json.loads(manifest.read_text())["total"] if manifest.is_file() else "?"
+    first = next(iter_shard(paths[0]), None) if paths else None
+    print(f"shards: {len(paths)}  samples: {total}  classes: {len(load_class_names(args.shards)) or '?'}")
+    if first is None:
+        return 0
+    print(f"members: {', '.join(sorted(k for k in first if k != '__key__'))}  first key: {first['__key__']}")
+    if "tlm" in first:
+        m = decode_tlm(first["tlm"], first["__key__"])
+        print(f"label map: k={m.shape[0]} H={m.shape[1]} W={m.shape[2]} box={m.box} record={len(first['tlm'])} bytes")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="lvvit-shards", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_build(sub)
+    _add_preview(sub)
+    _add_info(sub)
+    args = parser.parse_args(argv)
+    sys.exit({"build": _build, "preview": _preview, "info": _info}[args.command](args))
