@@ -1,0 +1,290 @@
+"""lvvit-label: run a dense teacher over shards (or an ImageFolder) and add tlm records.
+
+Input is a folder of WebDataset shards (prefix-NNNNNN.tar, classes.json, manifest.json)
+or an ImageFolder tree (root/<class>/<image>). Output is the same shards (or new ones
+for an ImageFolder) with a tlm member added to every sample; all other members are
+copied byte for byte. Images that cannot be decoded are reported and left out.
+
+Start it once, or on every rank of a launch (deepspeed --module lvvit.labeling.cli ...,
+torchrun -m lvvit.labeling.cli ...): rank r of W takes shards r, r+W, ... and no rank
+waits for another. Finished output shards are skipped on a rerun, so an interrupted
+job resumes when the same command is run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from lvvit.labeling.labeler import PRECISIONS, Labeler, ShardResult
+from lvvit.labeling.sources import Plan, ShardJob, is_shard_folder, plan_image_folder, plan_shards
+from lvvit.labeling.tarsamples import ShardReadError, count_tar_samples
+from lvvit.labeling.teacher import TEACHERS, build_teacher
+
+log = logging.getLogger("lvvit.label")
+
+SETTINGS_FILE = "label-settings.json"
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def rank_info(local_rank_arg: int | None) -> RankInfo:
+    """Rank from the launcher's environment (torchrun and deepspeed set RANK, WORLD_SIZE)."""
+    local_rank = local_rank_arg if local_rank_arg is not None else int(os.environ.get("LOCAL_RANK", 0))
+    rank = int(os.environ.get("RANK", local_rank))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= rank < world:
+        raise SystemExit(f"RANK {rank} is outside WORLD_SIZE {world}")
+    return RankInfo(rank, world, local_rank)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Temp name unique per process: several ranks may write the same file at once."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def labeling_settings(args: argparse.Namespace) -> dict:
+    """Everything that decides the labels, to tell a resume from a different job."""
+    return {
+        "input": str(args.input.resolve()),
+        "teacher": args.teacher,
+        "teacher_checkpoint_sha256": file_digest(args.teacher_checkpoint),
+        "teacher_args": args.teacher_args,
+        "num_classes": args.num_classes,
+        "img_size": args.img_size,
+        "crop_pct": args.crop_pct,
+        "topk": args.topk,
+        "precision": args.precision,
+        "imagefolder": {k: getattr(args, k) for k in ("prefix", "shard_size", "seed", "max_size")},
+    }
+
+
+def check_settings(out: Path, settings: dict) -> None:
+    """Refuse to resume into a folder labeled another way: mixed maps would look fine."""
+    path = out / SETTINGS_FILE
+    if not path.is_file():
+        return
+    previous = json.loads(path.read_text())
+    changed = sorted(k for k in previous.keys() | settings.keys() if previous.get(k) != settings.get(k))
+    if changed:
+        raise SystemExit(
+            f"{out} holds labels made with other settings ({', '.join(changed)} differ, see {path}); "
+            "choose another --out or empty it"
+        )
+
+
+def record_settings(out: Path, settings: dict) -> None:
+    """Written once a shard is finished, so a run that fails at start pins nothing."""
+    if not (out / SETTINGS_FILE).is_file():
+        write_atomic(out / SETTINGS_FILE, (json.dumps(settings, indent=1) + "\n").encode())
+
+
+def write_manifest(out_dir: Path, jobs: list[ShardJob]) -> None:
+    """Sample counts of the finished output (skipped images change them), as in the contract."""
+    shards = [{"name": job.name, "samples": count_tar_samples(out_dir / job.name)} for job in jobs]
+    manifest = {"shards": shards, "total": sum(s["samples"] for s in shards)}
+    write_atomic(out_dir / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
+
+
+def json_object(text: str) -> dict:
+    """argparse type for ``--teacher-args``: a JSON object, with a readable error."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"depth\": 2}}', got {text}")
+    return value
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows defaults that exist and are not already spelled out in the help text."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
+        if shown and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="lvvit-label", description=__doc__, formatter_class=_HelpFormatter)
+    p.add_argument("--input", type=Path, required=True, help="shard folder or ImageFolder root")
+    p.add_argument("--out", type=Path, required=True, help="output shard folder")
+    t = p.add_argument_group("teacher")
+    t.add_argument(
+        "--teacher",
+        required=True,
+        help=f"{', '.join(sorted(TEACHERS))}, or 'package.module:factory' returning a module "
+        "with output [B, C, h, w] (called with checkpoint=, img_size=, **teacher-args)",
+    )
+    t.add_argument("--teacher-checkpoint", type=Path, required=True, help="local weights file")
+    t.add_argument(
+        "--teacher-args",
+        type=json_object,
+        default={},
+        help='JSON architecture overrides, e.g. \'{"embed_dim": 48, "depth": 2}\' or \'{"widths": [16, 32]}\'',
+    )
+    t.add_argument("--num-classes", type=int, help="teacher class count (default: the checkpoint's / 1000)")
+    t.add_argument("--topk", type=int, default=5, help="classes kept per map cell")
+    pre = p.add_argument_group("preprocessing (bicubic resize of the shorter side, centre crop)")
+    pre.add_argument("--img-size", type=int, default=576, help="teacher input size (official maps: 576)")
+    pre.add_argument(
+        "--crop-pct",
+        type=float,
+        default=1.0,
+        help="shorter side resized to img-size / crop-pct before the crop (1.0: largest centre square)",
+    )
+    folder = p.add_argument_group("ImageFolder input (shards are planned as lvvit-shards would)")
+    folder.add_argument("--prefix", default="train", help="output shard name prefix")
+    folder.add_argument("--shard-size", type=int, default=1000, help="input images per shard")
+    folder.add_argument("--seed", type=int, default=0, help="shuffle seed of the sample order")
+    folder.add_argument("--max-size", type=int, help="re-encode images whose longer side exceeds this")
+    folder.add_argument("--class-names", type=Path, help="'wnid name' lines (LOC_synset_mapping.txt)")
+    run = p.add_argument_group("execution")
+    run.add_argument("--device", default="cpu", help="cpu or cuda (each rank uses cuda:LOCAL_RANK)")
+    run.add_argument("--batch-size", type=int, default=64, help="images per teacher forward")
+    run.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="teacher autocast dtype")
+    run.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decode threads")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    run.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    if not args.input.is_dir():
+        raise SystemExit(f"--input {args.input} is not a folder")
+    if is_shard_folder(args.input):
+        return plan_shards(args.input)
+    return plan_image_folder(
+        args.input, args.prefix, args.shard_size, args.seed, args.max_size, args.class_names, args.workers
+    )
+
+
+def make_labeler(args: argparse.Namespace, ranks: RankInfo) -> Labeler:
+    teacher_args = dict(args.teacher_args)
+    if args.num_classes is not None:
+        teacher_args["num_classes"] = args.num_classes
+    teacher = build_teacher(args.teacher, args.teacher_checkpoint, args.img_size, **teacher_args)
+    device = f"cuda:{ranks.local_rank}" if args.device == "cuda" else args.device
+    return Labeler(
+        teacher,
+        img_size=args.img_size,
+        crop_pct=args.crop_pct,
+        topk=args.topk,
+        batch_size=args.batch_size,
+        device=device,
+        precision=args.precision,
+        workers=args.workers,
+    )
+
+
+def label_jobs(
+    args: argparse.Namespace, ranks: RankInfo, todo: list[ShardJob], settings: dict
+) -> tuple[list[ShardResult], list[str]]:
+    """Label this rank's unfinished shards; a damaged input shard is reported and passed over."""
+    labeler = make_labeler(args, ranks)
+    expected = [job.expected for job in todo]
+    results, failures = [], []
+    bar = tqdm(
+        total=None if None in expected else sum(expected), unit="img", desc=f"rank {ranks.rank}",
+        position=ranks.local_rank, disable=args.no_progress, dynamic_ncols=True,
+    )
+    with bar, logging_redirect_tqdm():
+        for job in todo:
+            try:
+                result = labeler.label_shard(job.samples(), args.out / job.name, job.expected, bar.update)
+            except ShardReadError as e:
+                log.error("%s not written: %s", job.name, e)
+                failures.append(f"{job.name}: {e}")
+                continue
+            results.append(result)
+            record_settings(args.out, settings)
+            log.info(
+                "%s: %d images labeled, %d skipped, %.1f img/s",
+                job.name, result.written, len(result.skipped), result.written / max(result.seconds, 1e-9),
+            )
+    labeler.close()
+    return results, failures
+
+
+def report(ranks: RankInfo, results: list[ShardResult], finished_before: int, skipped: list[dict]) -> None:
+    written = sum(r.written for r in results)
+    seconds = sum(r.seconds for r in results)
+    skipped = [*skipped, *({"key": s.key, "reason": f"{s.reason} (in {s.shard})"} for r in results for s in r.skipped)]
+    log.info(
+        "rank %d done: %d images labeled in %d shards (%.1f img/s), %d shards already finished, %d images skipped",
+        ranks.rank, written, len(results), written / seconds if seconds else 0.0, finished_before, len(skipped),
+    )
+    for s in skipped:
+        log.info("  skipped %s: %s", s["key"], s["reason"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    ranks = rank_info(args.local_rank)
+    logging.basicConfig(level=logging.INFO, format=f"[lvvit-label rank {ranks.rank}] %(levelname)s %(message)s")
+    if args.out.resolve() == args.input.resolve():
+        raise SystemExit("--out must differ from --input: input shards are never overwritten")
+    plan = make_plan(args)
+    if not plan.jobs:
+        raise SystemExit(f"nothing to label in {args.input}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if plan.classes is not None:
+        write_atomic(args.out / "classes.json", plan.classes)
+    else:
+        log.warning("%s has no classes.json; the output will have none either", args.input)
+
+    if not args.teacher_checkpoint.is_file():
+        raise SystemExit(f"teacher checkpoint {args.teacher_checkpoint} does not exist")
+    settings = labeling_settings(args)
+    check_settings(args.out, settings)
+
+    mine = plan.jobs[ranks.rank :: ranks.world_size]
+    todo = [job for job in mine if not (args.out / job.name).exists()]
+    log.info(
+        "%d shards from %s; this rank (%d of %d) has %d, %d already finished",
+        len(plan.jobs), args.input, ranks.rank, ranks.world_size, len(mine), len(mine) - len(todo),
+    )
+    results, failures = label_jobs(args, ranks, todo, settings) if todo else ([], [])
+    report(ranks, results, len(mine) - len(todo), plan.skipped if ranks.rank == 0 else [])
+    if failures:
+        log.error("rank %d: %d shards failed and were not written:", ranks.rank, len(failures))
+        for failure in failures:
+            log.error("  %s", failure)
+        return 1
+
+    # No collectives: the rank that finishes last sees every shard and writes the manifest.
+    if all((args.out / job.name).exists() for job in plan.jobs):
+        write_manifest(args.out, plan.jobs)
+        log.info("all %d shards finished; wrote %s", len(plan.jobs), args.out / "manifest.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""What to label: output shards planned from a shard folder or an ImageFolder tree.
+
+Every rank computes the same plan (sorted, seeded), so ranks split the work by shard
+index alone, with no communication.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from lvvit.data.shards import (
+    Prepared,
+    SourceImage,
+    prepare_sample,
+    read_class_names,
+    scan_image_folder,
+    shard_name,
+    shard_paths,
+)
+from lvvit.labeling.tarsamples import TarSample, iter_tar_samples
+
+READ_AHEAD = 64
+"""Image files read (and checked) ahead of the labeler when the input is an ImageFolder."""
+
+
+@dataclass
+class ShardJob:
+    """One output shard: its name, where its samples come from, how many to expect."""
+
+    name: str
+    samples: Callable[[], Iterable[TarSample]]
+    expected: int | None
+
+
+@dataclass
+class Plan:
+    jobs: list[ShardJob]
+    classes: bytes | None  # classes.json as written (copied from a shard folder); None if absent
+    skipped: list[dict]  # inputs left out before labeling (duplicate keys), key + reason
+
+
+def is_shard_folder(folder: Path) -> bool:
+    return (folder / "manifest.json").is_file() or any(folder.glob("*.tar"))
+
+
+def plan_shards(folder: Path) -> Plan:
+    """The input's shards in manifest order (else sorted), relabeled under the same names."""
+    manifest = folder / "manifest.json"
+    counts = {}
+    if manifest.is_file():
+        counts = {s["name"]: s.get("samples") for s in json.loads(manifest.read_text())["shards"]}
+    jobs = []
+    for path in shard_paths(folder):
+        if not path.is_file():
+            raise FileNotFoundError(f"shard {path} listed in {manifest} does not exist")
+        jobs.append(ShardJob(path.name, lambda p=path: iter_tar_samples(p), counts.get(path.name)))
+    classes_file = folder / "classes.json"
+    return Plan(jobs, classes_file.read_bytes() if classes_file.is_file() else None, [])
+
+
+def plan_image_folder(
+    root: Path,
+    prefix: str,
+    shard_size: int,
+    seed: int,
+    max_size: int | None,
+    class_names: Path | None,
+    workers: int = 1,
+) -> Plan:
+    """Shards of ``shard_size`` inputs in the seeded order ``lvvit-shards`` uses; images
+    that cannot be read are skipped inside their shard, so shard boundaries stay fixed."""
+    classes, items, duplicates = scan_image_folder(root)
+    items = [items[i] for i in np.random.default_rng(seed).permutation(len(items))]
+    jobs = [
+        ShardJob(
+            shard_name(prefix, i),
+            lambda chunk=items[start : start + shard_size]: folder_samples(chunk, max_size, workers),
+            len(items[start : start + shard_size]),
+        )
+        for i, start in enumerate(range(0, len(items), shard_size))
+    ]
+    names = read_class_names(class_names) if class_names else {}
+    classes_json = [{"index": i, "name": names.get(c, c), "wnid": c} for i, c in enumerate(classes)]
+    return Plan(jobs, (json.dumps(classes_json, indent=1) + "\n").encode(), duplicates)
+
+
+def folder_samples(items: list[SourceImage], max_size: int | None, workers: int = 1) -> Iterator[TarSample]:
+    """Image files as shard samples (``jpg`` + ``cls``), checked and re-encoded by the
+    shard builder's own rules, ``workers`` at a time; unreadable files come through
+    with their error."""
+    prepare = partial(prepare_sample, max_size=max_size)
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="label-read") as pool:
+        for start in range(0, len(items), READ_AHEAD):
+            yield from map(_as_tar_sample, pool.map(prepare, items[start : start + READ_AHEAD]))
+
+
+def _as_tar_sample(prepared: Prepared) -> TarSample:
+    members = []
+    for ext, data in prepared.members.items():
+        info = tarfile.TarInfo(f"{prepared.key}.{ext}")
+        info.size, info.mode, info.mtime = len(data), 0o444, 0  # as lvvit-shards writes them
+        members.append((info, data))
+    return TarSample(prepared.key, members, error=prepared.reason)
