@@ -1,0 +1,197 @@
+"""Training input speed per worker process, and label-map bytes.
+
+Like for like on real photographic JPEGs (crops of the scikit-learn sample photos,
+500-1000 px on the long side, quality 90): the same RandomResizedCrop boxes, interpolations
+and flips, to one image tensor each,
+
+* naive: full PIL decode, PIL crop then resize, ToTensor + Normalize on the CPU (float32);
+* ours: decode only what the crop needs (JPEG DCT scaling to the smallest size that keeps
+  the crop at least the output size, and no rows below the crop), crop + antialiased
+  resize on torch's vectorised uint8 kernels, uint8 out. Normalisation runs on the
+  device in training, so it is not in the worker figure; a second row adds it on this
+  CPU to show what it would cost here.
+
+Also timed: the full training transform (RandAugment m9 mstd0.5 x2, random erasing 0.25,
+an 18 x 18 top-5 label map moved with the geometric ops), and the bytes of our ``tlm``
+record against the official ``torch.save`` maps (``lvvit.data.label_bytes``). Speed is
+images per CPU second of the one process (one thread), i.e. per worker process; rounds
+alternate the pipelines and the median round counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lvvit.data.label_bytes import label_bytes_report, photo_label_maps
+from lvvit.data.labelmap import LabelMap, centre_square_box
+from lvvit.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RANDOM_INTERPOLATION,
+    TrainTransform,
+    normalize,
+    sample_crop_box,
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", type=int, default=64, help="sample JPEGs to cut from the photos (default 64)")
+    parser.add_argument("--img-size", type=int, default=224, help="output crop size (default 224)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per pipeline; the median counts (default 5)")
+    parser.add_argument("--passes", type=int, default=2, help="passes over the images per round (default 2)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def sample_jpegs(n: int, seed: int = 0) -> list[bytes]:
+    """Random crops (70-100% of each side) of the scikit-learn sample photos, resized to a
+    long side of 500-1000 px, a quarter of them portrait, saved at JPEG quality 90."""
+    from sklearn.datasets import load_sample_images
+
+    photos = [Image.fromarray(a) for a in load_sample_images().images]
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        w, h = int(photo.width * rng.uniform(0.7, 1.0)), int(photo.height * rng.uniform(0.7, 1.0))
+        x, y = rng.randint(0, photo.width - w), rng.randint(0, photo.height - h)
+        crop = photo.crop((x, y, x + w, y + h))
+        if rng.random() < 0.25:
+            crop = crop.transpose(Image.Transpose.ROTATE_90)
+        scale = rng.uniform(500, 1000) / max(crop.size)
+        crop = crop.resize((round(crop.width * scale), round(crop.height * scale)), Image.Resampling.BICUBIC)
+        buffer = io.BytesIO()
+        crop.save(buffer, "JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def naive_sample(data: bytes, size: int, rng: random.Random) -> torch.Tensor:
+    """What torchvision's ImageFolder + RandomResizedCrop + RandomHorizontalFlip + ToTensor +
+    Normalize do per image (their code paths, written out: no torchvision here)."""
+    img = Image.open(io.BytesIO(data)).convert("RGB")  # pil_loader
+    left, top, w, h = sample_crop_box(img.width, img.height, rng)
+    img = img.crop((left, top, left + w, top + h)).resize((size, size), rng.choice(RANDOM_INTERPOLATION))
+    if rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    x = torch.from_numpy(np.array(img, np.uint8, copy=True)).view(size, size, 3)  # ToTensor
+    x = x.permute((2, 0, 1)).contiguous().to(dtype=torch.float32).div(255)
+    mean = torch.as_tensor(IMAGENET_MEAN, dtype=x.dtype).view(-1, 1, 1)  # Normalize
+    std = torch.as_tensor(IMAGENET_STD, dtype=x.dtype).view(-1, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def ours_sample(transform: TrainTransform) -> Callable[[bytes, random.Random], torch.Tensor]:
+    return lambda data, rng: torch.from_numpy(transform(data, None, rng).image).permute(2, 0, 1)
+
+
+def ours_cpu_normalized(transform: TrainTransform) -> Callable[[bytes, random.Random], torch.Tensor]:
+    ours = ours_sample(transform)
+    return lambda data, rng: normalize(ours(data, rng)[None])[0]
+
+
+def full_decode(data: bytes, rng: random.Random) -> torch.Tensor:
+    return torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB")))
+
+
+def _cpu_seconds(fn: Callable[[bytes, random.Random], object], jpegs: list[bytes], passes: int, seed: int) -> np.ndarray:
+    """CPU seconds of this process per image (mean over passes): the cost of one worker
+    process, and much steadier than wall time while other jobs share the machine."""
+    rng = random.Random(seed)  # same seed per pipeline: same boxes, interpolations, flips
+    seconds = np.zeros(len(jpegs))
+    for _ in range(passes):
+        for i, data in enumerate(jpegs):
+            start = time.process_time()
+            fn(data, rng)
+            seconds[i] += time.process_time() - start
+    return seconds / passes
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def run(args: argparse.Namespace) -> None:
+    torch.set_num_threads(1)  # one worker process = one core
+    size = args.img_size
+    print(f"machine: {_cpu_name()}, {torch.get_num_threads()} thread per worker; Pillow {Image.__version__}")
+    jpegs = sample_jpegs(args.images, args.seed)
+    sizes = [Image.open(io.BytesIO(d)).size for d in jpegs]
+    print(
+        f"data: {len(jpegs)} JPEGs q90, {min(min(s) for s in sizes)}-{max(max(s) for s in sizes)} px, "
+        f"mean {np.mean([len(d) for d in jpegs]) / 1024:.0f} KiB; output {size}x{size}"
+    )
+    plain = TrainTransform(img_size=size, randaugment=None, erase_prob=0.0)
+    full = TrainTransform(img_size=size)
+    maps = [
+        dataclasses.replace(m, box=centre_square_box(*s))
+        for m, s in zip(photo_label_maps(len(jpegs), seed=args.seed), sizes, strict=True)
+    ]
+    map_of = dict(zip(jpegs, maps, strict=True))
+
+    def full_train(data: bytes, rng: random.Random) -> tuple[torch.Tensor, LabelMap]:
+        sample = full(data, map_of[data], rng)
+        return torch.from_numpy(sample.image).permute(2, 0, 1), sample.label_map
+
+    pipelines: dict[str, Callable[[bytes, random.Random], object]] = {
+        "naive: full decode, crop+resize, float normalize": lambda d, r: naive_sample(d, size, r),
+        "ours: crop-aware decode, torch AA resize, uint8": ours_sample(plain),
+        "ours + normalize on this CPU": ours_cpu_normalized(plain),
+        "full decode only (reference)": full_decode,
+        "ours, full train transform (RA m9 x2, erase, map)": full_train,
+    }
+    for fn in pipelines.values():  # warm-up: imports, caches
+        _cpu_seconds(fn, jpegs[:4], 1, args.seed)
+    seconds: dict[str, list[np.ndarray]] = {name: [] for name in pipelines}
+    for r in range(args.rounds):
+        for name, fn in pipelines.items():
+            seconds[name].append(_cpu_seconds(fn, jpegs, args.passes, args.seed + r))
+        print(f"round {r + 1}/{args.rounds} done")
+    long_side = np.array([max(s) for s in sizes])
+    groups = {"all": long_side > 0, "long side < 750": long_side < 750, ">= 750": long_side >= 750}
+    rate = {
+        (name, group): statistics.median(mask.sum() / t[mask].sum() for t in runs)
+        for name, runs in seconds.items()
+        for group, mask in groups.items()
+        if mask.any()
+    }
+    print("\nimages per CPU second, one worker process (median of rounds):")
+    print(f"  {'':<52}" + "".join(f"{f'{g} ({m.sum()})':>22}" for g, m in groups.items()))
+    for name in pipelines:
+        print(f"  {name:<52}" + "".join(f"{rate.get((name, g), float('nan')):>22.1f}" for g in groups))
+
+    report = label_bytes_report(seed=args.seed)
+    print(
+        f"\nlabel maps ({report['grid']}x{report['grid']}, top-{report['k']}, {report['maps']} maps; {report['teacher']}):\n"
+        f"  official torch.save [2,k,H,W] fp16: {report['official_bytes']:.0f} B; "
+        f"tlm photo-like: {report['photo_bytes']:.0f} B; tlm random: {report['random_bytes']:.0f} B "
+        f"(max ratio {report['random_ratio_max']:.3f})"
+    )
+    naive, ours = "naive: full decode, crop+resize, float normalize", "ours: crop-aware decode, torch AA resize, uint8"
+    by_size = ", ".join(f"{rate[ours, g] / rate[naive, g]:.2f}x {g}" for g in list(groups)[1:] if (ours, g) in rate)
+    print(f"\nfull train transform: {rate['ours, full train transform (RA m9 x2, erase, map)', 'all']:.1f} images/s per worker")
+    print(
+        f"speed ratio (ours uint8 / naive, per worker; target >= 1.5x): {rate[ours, 'all'] / rate[naive, 'all']:.2f}x "
+        f"({by_size}; {rate['ours + normalize on this CPU', 'all'] / rate[naive, 'all']:.2f}x with normalize on the CPU)"
+    )
+    print(
+        f"label bytes ratio (tlm / official; target <= 0.5x photo, <= 1.0x random): "
+        f"{report['photo_ratio']:.3f}x photo-like, {report['random_ratio']:.3f}x random"
+    )

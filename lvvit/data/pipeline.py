@@ -1,0 +1,394 @@
+"""Training and evaluation loaders over WebDataset shards.
+
+Training: ``resampled=True`` shards split by node and worker, a shuffle buffer, the
+per-sample :class:`~lvvit.data.transforms.TrainTransform` in DataLoader workers, batches
+built in the workers, and ``with_epoch`` so every rank runs exactly
+``total // (batch_size * world_size)`` steps per epoch (ZeRO-3 hangs otherwise).
+
+Evaluation: every sample exactly once across ranks, and every rank the same number of
+batches. Rank ``r`` owns a contiguous block of ``ceil(N / world)`` sample slots; the last
+batches are padded, and the ``valid`` key masks padding (and samples that failed to decode)
+out of the metrics.
+
+Corrupt samples (a JPEG that does not decode, a ``tlm`` that does not parse, a missing
+field) are skipped, collected with their shard and key in :attr:`BatchLoader.skipped`, and
+logged at the end of each epoch. A missing shard is an error that names it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.utils import pytorch_worker_info
+
+from lvvit.data.labelmap import LabelMapError, decode_tlm
+from lvvit.data.transforms import EvalTransform, RandAugment, TrainTransform
+
+log = logging.getLogger(__name__)
+
+
+class CorruptSampleError(Exception):
+    """A sample whose fields are missing or unreadable (the image and tlm decoders raise
+    their own errors, listed in ``CORRUPT_SAMPLE_ERRORS``)."""
+
+
+CORRUPT_SAMPLE_ERRORS = (CorruptSampleError, LabelMapError, OSError, SyntaxError, EOFError, Image.DecompressionBombError)
+"""What a bad sample raises: PIL decoding errors, ``decode_tlm``'s, ours. Anything else is a
+bug and propagates."""
+
+DEFAULT_RANDAUGMENT = RandAugment()
+"""The official recipe's ``rand-m9-mstd0.5-inc1`` (LV-ViT-T/S/M)."""
+
+SKIPPED = "_skipped"
+"""Batch key carrying skip records from the workers; :class:`BatchLoader` pops it."""
+
+
+class SkippedSample(NamedTuple):
+    shard: str
+    key: str
+    reason: str
+
+
+def _field(sample: dict[str, Any], name: str) -> bytes:
+    if name not in sample:
+        raise CorruptSampleError(f"missing field {name!r}")
+    return sample[name]
+
+
+def _class_index(sample: dict[str, Any]) -> int:
+    raw = _field(sample, "cls")
+    try:
+        return int(raw)
+    except ValueError:
+        raise CorruptSampleError(f"cls {raw[:20]!r} is not an integer") from None
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, CorruptSampleError):
+        return str(error)
+    if isinstance(error, Image.UnidentifiedImageError):
+        return "not a decodable image"
+    return f"{type(error).__name__}: {error}"
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """Shards listed by ``manifest.json`` (docs/contracts.md, "Shards"), all present."""
+
+    paths: tuple[Path, ...]
+    counts: tuple[int, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    @classmethod
+    def from_dir(cls, root: str | Path) -> ShardSet:
+        root = Path(root)
+        manifest = root / "manifest.json" if root.is_dir() else root
+        if not manifest.is_file():
+            raise FileNotFoundError(f"no shard manifest at {manifest}")
+        entries = json.loads(manifest.read_text())["shards"]
+        paths = tuple(manifest.parent / entry["name"] for entry in entries)
+        missing = [str(path) for path in paths if not path.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} shard(s) listed in {manifest} are missing: {', '.join(missing)}")
+        if not paths:
+            raise ValueError(f"{manifest} lists no shards")
+        return cls(paths, tuple(int(entry["samples"]) for entry in entries))
+
+
+def has_label_maps(shard: Path) -> bool:
+    """Whether the first sample of ``shard`` carries a ``tlm`` member."""
+    with tarfile.open(shard) as tar:
+        first, suffixes = None, set()
+        for member in tar:
+            key, _, suffix = member.name.partition(".")
+            if first is not None and key != first:
+                break
+            first = key
+            suffixes.add(suffix.lower())
+    return "tlm" in suffixes
+
+
+def _split_rank(world_size: int | None) -> tuple[int, int]:
+    rank, world, _, _ = pytorch_worker_info()
+    return rank, world if world_size is None else world_size
+
+
+class BatchLoader:
+    """Iterates one epoch of batches (contract dicts) and keeps the skip report.
+
+    ``skipped`` holds this epoch's corrupt samples (unique by shard and key; with
+    resampling one sample can come round more than once); ``total_skipped`` counts all
+    skips since construction. A sample skipped after a worker's last batch of an epoch
+    is reported with the next epoch."""
+
+    def __init__(self, loader: Iterable[dict[str, Any]], steps: int, name: str) -> None:
+        self.loader = loader
+        self.steps = steps
+        self.name = name
+        self.skipped: list[SkippedSample] = []
+        self.total_skipped = 0
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        seen: dict[tuple[str, str], SkippedSample] = {}
+        self.skipped = []
+        for batch in self.loader:
+            for record in batch.pop(SKIPPED):
+                self.total_skipped += 1
+                seen.setdefault(record[:2], SkippedSample(*record))
+            self.skipped = list(seen.values())
+            yield batch
+        if self.skipped:
+            listing = "; ".join(f"{s.shard}:{s.key} ({s.reason})" for s in self.skipped)
+            log.warning("%s: skipped %d corrupt sample(s) this epoch: %s", self.name, len(self.skipped), listing)
+
+
+# ---------------------------------------------------------------- training
+
+
+MAX_SKIPS_IN_A_ROW = 500
+"""Resampling never runs out of samples, so a dataset whose every sample fails (say, maps
+expected but absent) would hang; this many failures in a row is an error instead."""
+
+
+class _TrainStage:
+    """Decode and collate for one worker; one object so that both see the same skip list."""
+
+    def __init__(self, transform: TrainTransform, label_maps: bool, seed: int, rank: int) -> None:
+        self.transform = transform
+        self.label_maps = label_maps
+        self.seed = seed
+        self.rank = rank
+        self.rng: random.Random | None = None
+        self.skipped: list[SkippedSample] = []
+        self.in_a_row = 0
+
+    def _rng(self) -> random.Random:
+        # Seeded lazily inside the worker: DataLoader draws a fresh worker seed from its
+        # (rank-seeded) generator each epoch, so augmentations differ per epoch and rank.
+        if self.rng is None:
+            info = get_worker_info()
+            worker_seed = info.seed if info is not None else 0
+            self.rng = random.Random(f"{self.seed}-{self.rank}-{worker_seed}")
+        return self.rng
+
+    def decode(self, sample: dict[str, Any]) -> dict[str, Any] | None:
+        key = sample.get("__key__", "<unknown>")
+        try:
+            label = _class_index(sample)
+            label_map = decode_tlm(_field(sample, "tlm"), key) if self.label_maps else None
+            out = self.transform(_field(sample, "jpg"), label_map, self._rng())
+        except CORRUPT_SAMPLE_ERRORS as error:
+            skip = SkippedSample(Path(sample.get("__url__", "?")).name, key, _reason(error))
+            self.skipped.append(skip)
+            self.in_a_row += 1
+            if self.in_a_row >= MAX_SKIPS_IN_A_ROW:
+                raise RuntimeError(
+                    f"{self.in_a_row} samples in a row failed to decode; the last: {skip.shard}:{skip.key} ({skip.reason})"
+                ) from error
+            return None
+        self.in_a_row = 0
+        return {"label": label, "sample": out}
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        outs = [s["sample"] for s in samples]
+        batch = {
+            "images": torch.from_numpy(np.stack([o.image for o in outs])).permute(0, 3, 1, 2).contiguous(),
+            "labels": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
+            "crop_boxes": torch.tensor([o.crop_box for o in outs], dtype=torch.float32),
+            "flips": torch.tensor([o.flip for o in outs], dtype=torch.bool),
+        }
+        if self.label_maps:
+            maps = [o.label_map for o in outs]
+            shapes = {m.values.shape for m in maps}
+            if len(shapes) > 1:
+                keys = ", ".join(f"{s['__key__']} {o.label_map.values.shape}" for s, o in zip(samples, outs, strict=True))
+                raise ValueError(f"label maps of different shapes in one batch: {keys}")
+            batch["tlm_values"] = torch.from_numpy(np.stack([m.values for m in maps]).astype(np.float32))
+            batch["tlm_indices"] = torch.from_numpy(np.stack([m.indices for m in maps]).astype(np.int64))
+            batch["map_boxes"] = torch.tensor([m.box for m in maps], dtype=torch.float32)
+        else:
+            batch["map_boxes"] = torch.tensor([(0.0, 0.0, 1.0, 1.0)] * len(outs), dtype=torch.float32)
+        batch[SKIPPED], self.skipped = self.skipped, []
+        return batch
+
+
+def train_loader(
+    data: str | Path,
+    batch_size: int,
+    img_size: int = 224,
+    *,
+    num_workers: int = 4,
+    shuffle_buffer: int = 2000,
+    randaugment: RandAugment | None = DEFAULT_RANDAUGMENT,
+    erase_prob: float = 0.25,
+    hflip: float = 0.5,
+    label_maps: bool | None = None,
+    steps_per_epoch: int | None = None,
+    seed: int = 0,
+    world_size: int | None = None,
+    pin_memory: bool = False,
+) -> BatchLoader:
+    """Training batches (docs/contracts.md, "Training batch") from the shards of ``data``
+    (a folder with ``manifest.json``, or the manifest itself).
+
+    ``shuffle_buffer`` samples are mixed across shards (0 or 1: stream order).
+    ``randaugment`` defaults to m9, mstd 0.5, 2 ops; pass ``RandAugment(num_ops=3)`` for
+    LV-ViT-L, ``None`` for none. ``label_maps=None`` looks at the first
+    sample of the first shard. Every rank gets ``steps_per_epoch`` batches, by default
+    ``total // (batch_size * world_size)``. The rank and world size come from RANK and
+    WORLD_SIZE or the initialised process group, as webdataset's ``split_by_node`` reads them.
+    """
+    shards = ShardSet.from_dir(data)
+    rank, world = _split_rank(world_size)
+    steps = steps_per_epoch or shards.total // (batch_size * world)
+    if steps < 1:
+        raise ValueError(f"{shards.total} samples give no full batch of {batch_size} on each of {world} rank(s)")
+    if label_maps is None:
+        label_maps = has_label_maps(shards.paths[0])
+    transform = TrainTransform(
+        img_size=img_size,
+        hflip=hflip,
+        randaugment=randaugment,
+        erase_prob=erase_prob,
+    )
+    stage = _TrainStage(transform, label_maps, seed, rank)
+    dataset = wds.WebDataset(
+        [str(p) for p in shards.paths],
+        resampled=True,
+        shardshuffle=False,  # resampling draws shards at random already
+        nodesplitter=wds.split_by_node,
+        handler=wds.warn_and_continue,  # an unreadable tar member: warn, go on
+    )
+    if shuffle_buffer > 1:
+        dataset = dataset.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100))
+    dataset = dataset.map(stage.decode).batched(batch_size, collation_fn=stage.collate, partial=False)
+    generator = torch.Generator().manual_seed(seed * 100_003 + rank)
+    loader = wds.WebLoader(
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
+        generator=generator,
+        pin_memory=pin_memory,
+    ).with_epoch(steps)
+    return BatchLoader(loader, steps, f"train rank {rank}")
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+class _EvalDataset(IterableDataset):
+    """Rank ``rank``'s padded block of sample slots, as whole batches; DataLoader workers
+    take contiguous runs of those batches, so each reads only the shards it needs."""
+
+    def __init__(self, shards: ShardSet, transform: EvalTransform, batch_size: int, rank: int, world: int) -> None:
+        super().__init__()
+        self.shards = shards
+        self.transform = transform
+        self.batch_size = batch_size
+        per_rank = math.ceil(shards.total / world)
+        self.num_batches = math.ceil(per_rank / batch_size)
+        self.first = rank * per_rank  # global index of this rank's first slot
+        self.end = min(shards.total, self.first + per_rank)  # first index past its real samples
+
+    def _samples(self, lo: int, hi: int, skipped: list[SkippedSample]) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(global index, sample) for the samples ``lo <= index < hi``, in order."""
+        offset = 0
+        for path, count in zip(self.shards.paths, self.shards.counts, strict=True):
+            if offset + count > lo and offset < hi:
+                try:
+                    for position, sample in enumerate(wds.tariterators.tarfile_samples([{"url": str(path)}])):
+                        index = offset + position
+                        if position >= count or index >= hi:
+                            break
+                        if index >= lo:
+                            yield index, sample
+                except (OSError, tarfile.TarError, ValueError) as error:
+                    skipped.append(SkippedSample(path.name, "<shard>", _reason(error)))
+            offset += count
+
+    def _decode(self, sample: dict[str, Any], skipped: list[SkippedSample]) -> tuple[np.ndarray, int] | None:
+        try:
+            return self.transform(_field(sample, "jpg")), _class_index(sample)
+        except CORRUPT_SAMPLE_ERRORS as error:
+            shard = Path(sample.get("__url__", "?")).name
+            skipped.append(SkippedSample(shard, sample.get("__key__", "<unknown>"), _reason(error)))
+            return None
+
+    def _shard_of(self, index: int) -> str:
+        offsets = np.cumsum(self.shards.counts)
+        return self.shards.paths[int(np.searchsorted(offsets, index, side="right"))].name
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        b0, b1 = self.num_batches * worker // workers, self.num_batches * (worker + 1) // workers
+        size, first = self.batch_size, self.first
+        skipped: list[SkippedSample] = []
+        stream = self._samples(first + b0 * size, min(self.end, first + b1 * size), skipped)
+        pending = next(stream, None)
+        for b in range(b0, b1):
+            images = np.zeros((size, self.transform.img_size, self.transform.img_size, 3), np.uint8)
+            labels = np.zeros(size, np.int64)
+            valid = np.zeros(size, bool)
+            for slot in range(size):
+                index = first + b * size + slot
+                if index >= self.end:
+                    continue  # padding
+                if pending is None or pending[0] != index:
+                    skipped.append(SkippedSample(self._shard_of(index), f"#{index}", "not in shard (manifest count too high)"))
+                    continue
+                decoded = self._decode(pending[1], skipped)
+                pending = next(stream, None)
+                if decoded is not None:
+                    images[slot], labels[slot] = decoded
+                    valid[slot] = True
+            yield {
+                "images": torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+                "labels": torch.from_numpy(labels),
+                "valid": torch.from_numpy(valid),
+                SKIPPED: skipped,
+            }
+            skipped = []
+
+
+def eval_loader(
+    data: str | Path,
+    batch_size: int,
+    img_size: int = 224,
+    crop_pct: float = 0.9,
+    *,
+    num_workers: int = 4,
+    world_size: int | None = None,
+    rank: int | None = None,
+    pin_memory: bool = False,
+) -> BatchLoader:
+    """Eval batches ``{"images": uint8 [B,3,S,S], "labels": int64 [B], "valid": bool [B]}``.
+
+    Every rank gets ``ceil(ceil(N / world) / batch_size)`` batches; sum metrics over
+    ``valid`` samples only and all-reduce them, and each sample counts exactly once.
+    """
+    shards = ShardSet.from_dir(data)
+    found_rank, world = _split_rank(world_size)
+    rank = found_rank if rank is None else rank
+    dataset = _EvalDataset(shards, EvalTransform(img_size, crop_pct), batch_size, rank, world)
+    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
+    return BatchLoader(loader, dataset.num_batches, f"eval rank {rank}")
