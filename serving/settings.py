@@ -1,0 +1,97 @@
+"""MLServer's ``settings.json`` and ``model-settings.json`` for one export folder.
+
+``lvvit-serve`` writes both into a settings folder and starts MLServer from it the way
+``mlserver start FOLDER`` does, so the files are the whole server configuration: keep
+them (``--settings-dir``) to see, diff or replay exactly what ran. (Plain ``mlserver
+start`` lacks lvvit-serve's REST middleware: no request size limit on REST and no binary
+tensors over HTTP; gRPC is the same.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from lvvit.serving.model_dir import ModelDir
+from lvvit.serving.protocol import InputSpec, metadata_tensors
+
+RUNTIME = "lvvit.serving.runtime.LVViTRuntime"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Everything ``lvvit-serve`` is told on its command line, minus the model folder."""
+
+    model_name: str = "lvvit"
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    max_batch_size: int = 32
+    max_batch_delay_ms: float = 5.0
+    workers: int = 0
+    provider: str = "cpu"
+    threads: int = 0
+    max_request_mb: float = 64.0
+    debug: bool = False
+
+    @property
+    def max_request_bytes(self) -> int:
+        return int(self.max_request_mb * 1024 * 1024)
+
+
+def server_settings(opts: ServeOptions, metrics_dir: Path) -> dict:
+    return {
+        "server_name": "lvvit-serve",
+        "debug": opts.debug,  # MLServer's debug means access logs + DEBUG level
+        "host": opts.host,
+        "http_port": opts.http_port,
+        "grpc_port": opts.grpc_port,
+        "metrics_port": opts.metrics_port,
+        "parallel_workers": opts.workers,
+        "metrics_dir": str(metrics_dir),
+        "grpc_max_message_length": opts.max_request_bytes,
+        "load_models_at_startup": True,
+    }
+
+
+def model_settings(model_dir: ModelDir, opts: ServeOptions) -> dict:
+    spec = InputSpec(img_size=model_dir.img_size, dtype=model_dir.input_dtype,
+                     num_classes=model_dir.num_classes, max_batch=opts.max_batch_size)
+    inputs, outputs = metadata_tensors(spec)
+    return {
+        "name": opts.model_name,
+        "implementation": RUNTIME,
+        "platform": "onnxruntime",
+        "inputs": [t.model_dump(exclude_none=True) for t in inputs],
+        "outputs": [t.model_dump(exclude_none=True) for t in outputs],
+        # MLServer's adaptive batching stays off: the runtime batches validated rows itself.
+        "max_batch_size": 0,
+        "max_batch_time": 0.0,
+        "parameters": {
+            "uri": str(model_dir.path.resolve()),
+            "extra": {
+                "provider": opts.provider,
+                "threads": opts.threads,
+                "max_batch_size": opts.max_batch_size,
+                "max_batch_delay_ms": opts.max_batch_delay_ms,
+            },
+        },
+    }
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def write_settings(folder: str | Path, model_dir: ModelDir, opts: ServeOptions) -> Path:
+    """``folder/settings.json`` + ``folder/<model>/model-settings.json``; returns ``folder``."""
+    folder = Path(folder)
+    (folder / opts.model_name).mkdir(parents=True, exist_ok=True)
+    _write_json(folder / "settings.json", server_settings(opts, folder / ".metrics"))
+    _write_json(folder / opts.model_name / "model-settings.json", model_settings(model_dir, opts))
+    return folder
