@@ -1,0 +1,149 @@
+"""The export folder (layout in docs/contracts.md): staged in a hidden sibling and renamed
+into place only once everything in it passed its checks, and verified when read back."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ExportError
+from .onnx_export import io_spec, load_onnx, ort_session
+
+MODEL_FILE = "model.onnx"
+INFO_FILE = "model.json"
+LABELS_FILE = "labels.txt"
+PARITY_FILE = "parity.json"
+PLAN_FILE = "model.plan"
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def check_writable(out: Path, overwrite: bool) -> None:
+    """Refuse early (before minutes of work) to replace an existing non-empty folder."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ExportError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+
+
+@contextmanager
+def staged_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty staging folder; on success it becomes ``out``, on any error it is removed.
+
+    A reader therefore sees either the previous complete export or the new complete one,
+    never a half-written folder under the final name.
+    """
+    check_writable(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        yield stage
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+        os.replace(stage, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def placeholder_names(num_classes: int) -> list[str]:
+    return [f"class_{i}" for i in range(num_classes)]
+
+
+def read_class_names(path: Path) -> list[str]:
+    """Names in index order from ``classes.json`` (``[{"index", "name", ...}]`` or a list of
+    names) or a text file with one name per line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ExportError(f"--classes {path}: {err.strerror or err}") from err
+    if path.suffix == ".json":
+        names = _names_from_json(path, text)
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    bad = [i for i, n in enumerate(names) if not n or "\n" in n]
+    if bad:
+        raise ExportError(f"--classes {path}: empty or multi-line name at index {bad[0]}")
+    return names
+
+
+def _names_from_json(path: Path, text: str) -> list[str]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ExportError(f"--classes {path}: not valid JSON: {err}") from err
+    if isinstance(data, list) and all(isinstance(x, str) for x in data):
+        return data
+    if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
+        raise ExportError(f"--classes {path}: expected a list of {{'index', 'name'}} objects")
+    by_index: dict[int, str] = {}
+    for pos, entry in enumerate(data):
+        index, name = entry.get("index", pos), entry.get("name")
+        if not isinstance(index, int) or not isinstance(name, str):
+            raise ExportError(f"--classes {path}: entry {pos} needs an integer 'index' and a string 'name'")
+        if index in by_index:
+            raise ExportError(f"--classes {path}: index {index} appears twice")
+        by_index[index] = name
+    if sorted(by_index) != list(range(len(by_index))):
+        raise ExportError(f"--classes {path}: indices must be 0..{len(by_index) - 1} without gaps")
+    return [by_index[i] for i in range(len(by_index))]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_export_dir(path: Path, run: bool = True) -> dict:
+    """Check a folder written by ``lvvit-export`` and return its ``model.json``.
+
+    The ONNX file must load, pass the full checker, have the SHA-256 recorded in
+    ``model.json`` (weights can be damaged without breaking the protobuf) and match
+    ``model.json`` (names, dtype, size, classes); ``labels.txt`` must have one line per class; with ``run``, ONNX Runtime
+    must produce finite logits of the right shape. Every failure names the file at fault.
+    """
+    path = Path(path)
+    info_path = path / INFO_FILE
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ExportError(f"{info_path}: missing or not valid JSON ({err})") from err
+    proto = load_onnx(path / MODEL_FILE)
+    recorded = info.get("onnx_sha256")
+    if recorded and file_sha256(path / MODEL_FILE) != recorded:
+        raise ExportError(f"{path / MODEL_FILE}: SHA-256 differs from the one in {INFO_FILE}; "
+                          "the file was corrupted or replaced after export")
+    spec = io_spec(proto)
+    s, classes = info["img_size"], info["num_classes"]
+    expected = {"input": (info["input_name"], info["input_dtype"], [-1, 3, s, s]),
+                "output": (info["output_name"], "float32", [-1, classes])}
+    for key, want in expected.items():
+        got = (spec[key]["name"], spec[key]["dtype"], spec[key]["dims"])
+        if got != want:
+            raise ExportError(f"{path / MODEL_FILE}: {key} is {got}, but {INFO_FILE} says {want}")
+    labels = (path / LABELS_FILE).read_text(encoding="utf-8").splitlines() if (path / LABELS_FILE).is_file() else []
+    if len(labels) != classes:
+        raise ExportError(f"{path / LABELS_FILE}: {len(labels)} lines for {classes} classes")
+    if run:
+        session = ort_session(path / MODEL_FILE)
+        x = np.zeros((1, 3, s, s), dtype=np.dtype(info["input_dtype"]))
+        logits = session.run(None, {info["input_name"]: x})[0]
+        if logits.shape != (1, classes) or not np.isfinite(logits).all():
+            raise ExportError(f"{path / MODEL_FILE}: ONNX Runtime gave logits of shape "
+                              f"{logits.shape} (finite: {bool(np.isfinite(logits).all())})")
+    return info

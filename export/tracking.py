@@ -1,0 +1,95 @@
+"""Logging an export to the MLflow run that trained it, and registering the model.
+
+The run comes from ``--mlflow-run`` or from the ``mlflow_run.json`` that training writes
+in its output folder (found by walking up from the checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ExportError
+
+RUN_FILE = "mlflow_run.json"
+"""Written by ``lvvit.train.tracking`` in the run's output folder."""
+
+
+def find_run_record(checkpoint: Path, levels: int = 3) -> dict | None:
+    """The ``mlflow_run.json`` beside ``checkpoint`` or up to ``levels`` folders above it
+    (``OUTPUT/checkpoints/stepN`` -> ``OUTPUT``)."""
+    start = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    for folder in [start.resolve(), *list(start.resolve().parents)[:levels]]:
+        path = folder / RUN_FILE
+        if path.is_file():
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                raise ExportError(f"{path}: unreadable MLflow run record: {err}") from err
+            if not isinstance(record, dict) or "run_id" not in record:
+                raise ExportError(f"{path}: expected a JSON object with 'run_id'")
+            return record
+    return None
+
+
+def log_export(
+    export_dir: Path,
+    run_id: str,
+    register_name: str | None = "lvvit",
+    tracking_uri: str | None = None,
+) -> str:
+    """Log ``model.onnx`` (signature + input example), model.json, labels and parity report to
+    ``run_id``; register it under ``register_name``. Returns the logged model's URI."""
+    import mlflow
+    import mlflow.onnx
+    import onnx
+    import onnxruntime
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    info = json.loads((export_dir / "model.json").read_text())
+    s, dtype = info["img_size"], np.dtype(info["input_dtype"])
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(dtype, (-1, 3, s, s), info["input_name"])]),
+        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, info["num_classes"]), info["output_name"])]),
+    )
+    example = np.zeros((1, 3, s, s), dtype=dtype)
+    try:
+        client = mlflow.tracking.MlflowClient()
+        status = client.get_run(run_id).info.status
+    except Exception as err:  # MlflowException, connection errors
+        raise ExportError(f"MLflow run {run_id!r} not found at {mlflow.get_tracking_uri()}: "
+                          f"{str(err).splitlines()[0][:200]}") from err
+    try:
+        with mlflow.start_run(run_id=run_id):
+            model_info = mlflow.onnx.log_model(
+                onnx.load_model(export_dir / "model.onnx"),
+                name="onnx_model",
+                signature=signature,
+                input_example={info["input_name"]: example},
+                registered_model_name=register_name or None,
+                save_as_external_data=False,
+                # stated, not inferred: inference imports the model in a subprocess (slow, and
+                # it would list everything this process happens to have loaded)
+                pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"],
+                metadata={k: info[k] for k in ("model", "img_size", "num_classes", "precision",
+                                                 "input_dtype", "mean", "std", "crop_pct")},
+                extra_files=[str(export_dir / "labels.txt"), str(export_dir / "model.json")],
+            )
+            for name in ("parity.json", "model.json", "labels.txt"):
+                mlflow.log_artifact(str(export_dir / name), artifact_path="export")
+        if status != "FINISHED":  # leaving the run marks it FINISHED; a live run stays RUNNING
+            client.update_run(run_id, status=status)
+    except mlflow.exceptions.MlflowException as err:
+        raise ExportError(f"MLflow logging to run {run_id!r} failed: {str(err).splitlines()[0][:300]}") from err
+    return model_info.model_uri
+
+
+def resolve_tracking_uri(cli_uri: str | None, record: dict | None) -> str | None:
+    """``--mlflow-uri``, else ``MLFLOW_TRACKING_URI``, else the one training recorded."""
+    return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or (record or {}).get("tracking_uri")

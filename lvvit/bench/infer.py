@@ -1,0 +1,169 @@
+"""Inference throughput: ONNX Runtime (CPU) against PyTorch eager on the same LV-ViT and the
+same inputs, images/s at batch 1, 8 and 32; with a GPU also ORT CUDA and TensorRT fp16
+against PyTorch bf16. The two sides run in alternating rounds so a noisy shared machine
+slows both alike; each figure is the median round. Target: ORT >= 1.3x eager at batch 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lvvit.models import create_model
+
+OPT_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="lvvit_t", help="variant (random weights)")
+    parser.add_argument("--img-size", type=int, default=224, help="input size")
+    parser.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="intra-op threads for both sides (0: torch's default)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds per batch size")
+    parser.add_argument("--min-seconds", type=float, default=1.0, help="least time per side per round")
+    parser.add_argument("--opt-level", choices=OPT_LEVELS, default="all",
+                        help="ORT graph optimisation level of the main comparison")
+    parser.add_argument("--no-sweep", dest="sweep", action="store_false",
+                        help="skip the batch-1 sweep over ORT graph optimisation levels")
+
+
+def throughput(fn: Callable[[], object], batch: int, min_seconds: float) -> float:
+    """Images/s of ``fn`` over at least ``min_seconds`` (and 3 calls), after one warm-up call."""
+    fn()
+    calls, start = 0, time.perf_counter()
+    while calls < 3 or time.perf_counter() - start < min_seconds:
+        fn()
+        calls += 1
+    return calls * batch / (time.perf_counter() - start)
+
+
+def compare(sides: dict[str, Callable[[], object]], batch: int, rounds: int, min_seconds: float) -> dict:
+    """Median images/s of each side over ``rounds`` alternating rounds."""
+    runs: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, fn in sides.items():
+            runs[name].append(throughput(fn, batch, min_seconds))
+    return {name: statistics.median(values) for name, values in runs.items()}
+
+
+def ort_session(path: Path, opt_level: str, threads: int, providers: list[str]):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[opt_level]
+    options.intra_op_num_threads = threads
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def print_table(title: str, rows: list[tuple[int, dict[str, float]]]) -> None:
+    names = list(rows[0][1])
+    print(f"\n{title}")
+    print(f"{'batch':>6} " + " ".join(f"{n + ' img/s':>22}" for n in names))
+    for batch, result in rows:
+        print(f"{batch:>6} " + " ".join(f"{result[n]:>22.1f}" for n in names))
+
+
+def cpu_benchmark(args, model: torch.nn.Module, onnx_path: Path, batches: list[int]) -> list[str]:
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    session = ort_session(onnx_path, args.opt_level, threads, ["CPUExecutionProvider"])
+    rows, ratios = [], []
+    for batch in batches:
+        x = torch.randn(batch, 3, args.img_size, args.img_size)
+        x_np = x.numpy()
+
+        def eager(x=x):
+            with torch.inference_mode():
+                return model(x)
+
+        def ort_run(x_np=x_np):
+            return session.run(None, {"images": x_np})
+
+        result = compare({"pytorch eager": eager, f"ort cpu ({args.opt_level})": ort_run},
+                         batch, args.rounds, args.min_seconds)
+        rows.append((batch, result))
+        eager_ips, ort_ips = result.values()
+        ratios.append(f"batch {batch}: {ort_ips / eager_ips:.2f}x")
+    print_table(f"CPU, {threads} threads: {args.model} @ {args.img_size}, fp32", rows)
+
+    if args.sweep:
+        x_np = np.random.default_rng(0).standard_normal((1, 3, args.img_size, args.img_size), np.float32)
+        sessions = {level: ort_session(onnx_path, level, threads, ["CPUExecutionProvider"])
+                    for level in OPT_LEVELS}
+        sweep = compare({f"ort {level}": (lambda s=s: s.run(None, {"images": x_np}))
+                         for level, s in sessions.items()}, 1, args.rounds, args.min_seconds)
+        print_table("ORT graph optimisation levels, batch 1", [(1, sweep)])
+    return ratios
+
+
+def gpu_benchmark(args, model: torch.nn.Module, batches: list[int], workdir: Path) -> list[str]:
+    """ORT CUDA and TensorRT, both on an fp16 graph, against PyTorch bf16 eager."""
+    import onnxruntime as ort
+
+    from lvvit.export.onnx_export import export_onnx
+    from lvvit.export.tensorrt import EngineRunner, build_engine
+
+    fp16_path = workdir / "model_fp16.onnx"
+    export_onnx(model, fp16_path, args.img_size, precision="fp16")
+    bf16_model = create_model(args.model, img_size=args.img_size).eval()
+    bf16_model.load_state_dict(model.state_dict())
+    bf16_model = bf16_model.to("cuda", torch.bfloat16)
+    sides_available = "CUDAExecutionProvider" in ort.get_available_providers()
+    session = ort_session(fp16_path, "all", 0, ["CUDAExecutionProvider"]) if sides_available else None
+    engine = EngineRunner(build_engine(fp16_path, args.img_size, max(batches), "fp16"))
+    rows, ratios = [], []
+    for batch in batches:
+        x = torch.randn(batch, 3, args.img_size, args.img_size)
+        x_np = x.numpy()
+
+        # every side takes host memory and returns host memory, as a server would
+        def eager(x=x):
+            with torch.inference_mode():
+                return bf16_model(x.to("cuda", torch.bfloat16)).float().cpu()
+
+        sides = {"pytorch bf16": eager, "tensorrt fp16": lambda x_np=x_np: engine(x_np)}
+        if session is not None:
+            sides["ort cuda fp16"] = lambda x_np=x_np: session.run(None, {"images": x_np})
+        result = compare(sides, batch, args.rounds, args.min_seconds)
+        rows.append((batch, result))
+        base = result["pytorch bf16"]
+        ratios.append(f"batch {batch}: " + ", ".join(
+            f"{name} {ips / base:.2f}x" for name, ips in result.items() if name != "pytorch bf16"))
+    print_table(f"GPU {torch.cuda.get_device_name()}: {args.model} @ {args.img_size}", rows)
+    return ratios
+
+
+def run(args: argparse.Namespace) -> None:
+    from lvvit.export.onnx_export import export_onnx
+
+    batches = [int(b) for b in args.batches.split(",")]
+    torch.manual_seed(0)
+    model = create_model(args.model, img_size=args.img_size).eval()
+    print(f"{args.model} @ {args.img_size}, random weights, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+    with tempfile.TemporaryDirectory(prefix="lvvit-bench-infer-") as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        export_onnx(model, onnx_path, args.img_size)
+        cpu_ratios = cpu_benchmark(args, model, onnx_path, batches)
+        gpu_ratios = None
+        if torch.cuda.is_available():
+            gpu_ratios = gpu_benchmark(args, model, batches, Path(tmp))
+    if gpu_ratios is None:
+        print("\nGPU comparison (ORT CUDA, TensorRT fp16 vs PyTorch bf16) skipped: no CUDA GPU visible")
+    else:
+        print("\nGPU ratios vs PyTorch bf16: " + "; ".join(gpu_ratios))
+    print("\nORT CPU / PyTorch eager (images/s ratio, target >= 1.3x at batch 1): " + "; ".join(cpu_ratios))
