@@ -241,6 +241,7 @@ def train_loader(
     randaugment: RandAugment | None = DEFAULT_RANDAUGMENT,
     erase_prob: float = 0.25,
     hflip: float = 0.5,
+    scale: tuple[float, float] = (0.08, 1.0),
     label_maps: bool | None = None,
     steps_per_epoch: int | None = None,
     seed: int = 0,
@@ -266,6 +267,7 @@ def train_loader(
         label_maps = has_label_maps(shards.paths[0])
     transform = TrainTransform(
         img_size=img_size,
+        scale=scale,
         hflip=hflip,
         randaugment=randaugment,
         erase_prob=erase_prob,

@@ -117,6 +117,10 @@ class Demo:
                "--eval-shards", str(val / brace(ShardSet.from_dir(val))),
                "--epochs", str(self.size.epochs), "--warmup-epochs", "2", "--cooldown-epochs", "0",
                "--micro-batch", str(self.size.micro_batch), "--lr", "2e-3", "--weight-decay", "0.05",
+               # 8x8 scans upscaled: mirrored digits are other digits and a 0.08-area crop
+               # is a blank patch, so the crop range is narrower and flips are off.
+               "--scale", "0.35", "1.0", "--hflip", "0", "--randaug-ops", "1", "--randaug-magnitude", "5",
+               "--reprob", "0", "--ema-decay", "0.99",
                "--workers", "1", "--output", str(self.out / "train"), "--save-every", "0",
                "--experiment", "lvvit-demo", "--run-name", "digits", "--log-every", "5"]
         env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",

@@ -64,7 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("augmentation and targets")
     g.add_argument("--randaug-magnitude", type=int, default=9)
     g.add_argument("--randaug-mstd", type=float, default=0.5)
-    g.add_argument("--randaug-ops", type=int, default=None, help="ops per image (default: 2, 3 for L)")
+    g.add_argument("--randaug-ops", type=int, default=None,
+                   help="ops per image (default: 2, 3 for L; 0 turns RandAugment off)")
+    g.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
+                   help="RandomResizedCrop area fraction range")
+    g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
     g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
     g.add_argument("--smoothing", type=float, default=0.1)
     g.add_argument("--cls-weight", type=float, default=1.0)

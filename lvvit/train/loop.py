@@ -202,11 +202,13 @@ class Trainer:
         from lvvit.data.transforms import RandAugment
 
         a = self.args
-        ops = a.randaug_ops or C.RANDAUG_OPS.get(a.model, 2)
+        ops = C.RANDAUG_OPS.get(a.model, 2) if a.randaug_ops is None else a.randaug_ops
+        randaugment = RandAugment(num_ops=ops, magnitude=a.randaug_magnitude,
+                                  magnitude_std=a.randaug_mstd) if ops > 0 else None
         return train_loader(
             shard_folder(a.train_shards), batch_size=self.plan.micro_batch, img_size=a.img_size,
             num_workers=a.workers, erase_prob=a.reprob, world_size=self.world,
-            randaugment=RandAugment(num_ops=ops, magnitude=a.randaug_magnitude, magnitude_std=a.randaug_mstd),
+            randaugment=randaugment, scale=tuple(a.scale), hflip=a.hflip,
             steps_per_epoch=(self.steps_per_epoch - skip_steps) * self.plan.grad_accum,
             seed=a.seed + 1_000_003 * epoch + skip_steps, pin_memory=self.device.type == "cuda")
 
