@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lvvit.demo.stages import StageFailed, StageRunner, run_command
+from lvvit.serving.process import console_script as tool
+from lvvit.serving.process import free_port
 
 
 @dataclass(frozen=True)
@@ -38,11 +40,6 @@ class DemoSize:
 
 QUICK = DemoSize(teacher_epochs=2, limit=200, shard_size=40, epochs=2, micro_batch=16,
                  embed_dim=48, depth=2, num_heads=2, stem_width=16)
-
-
-def tool(name: str) -> str:
-    """A console script of this environment (the demo may run without it on PATH)."""
-    return str(Path(sys.executable).parent / name)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -106,15 +103,12 @@ class Demo:
                 "--model-arg", f"num_heads={s.num_heads}", "--model-arg", f"stem_width={s.stem_width}"]
 
     def train(self) -> dict:
-        from lvvit.data.pipeline import ShardSet
-
         labeled, val = self.out / "labeled" / "train", self.out / "shards" / "val"
         repo = Path(__file__).resolve().parents[2]
         cmd = [tool("deepspeed"), "--num_gpus", str(self.ranks), "--master_port", str(free_port()),
                str(repo / "train.py"), "--deepspeed_config", str(repo / "ds_configs" / "cpu.json"),
                *self.model_args(),
-               "--train-shards", str(labeled / brace(ShardSet.from_dir(labeled))),
-               "--eval-shards", str(val / brace(ShardSet.from_dir(val))),
+               "--train-shards", str(labeled), "--eval-shards", str(val),
                "--epochs", str(self.size.epochs), "--warmup-epochs", "2", "--cooldown-epochs", "0",
                "--micro-batch", str(self.size.micro_batch), "--lr", "2e-3", "--weight-decay", "0.05",
                # 8x8 scans upscaled: mirrored digits are other digits and a 0.08-area crop
@@ -198,22 +192,6 @@ class Demo:
 def parity_diff(parity: dict) -> float:
     """Largest logit difference over the batch sizes lvvit-export checked."""
     return max(b["max_abs_diff"] for b in parity["onnxruntime"]["batches"])
-
-
-def brace(shards) -> str:
-    """``train-{000000..000003}.tar`` for a contiguous shard set (what --train-shards takes)."""
-    first, last = shards.paths[0].name, shards.paths[-1].name
-    prefix = first.rsplit("-", 1)[0]
-    lo, hi = first[len(prefix) + 1 : -4], last[len(prefix) + 1 : -4]
-    return first if lo == hi else f"{prefix}-{{{lo}..{hi}}}.tar"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:
