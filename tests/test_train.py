@@ -2,8 +2,9 @@
 tiny shards where the colour is the class, tracked by a real `mlflow server`.
 
 Few launches, many assertions each (every rank imports DeepSpeed, which is slow):
-ZeRO-1 and ZeRO-3 with label maps and EMA; ZeRO-2 without maps stopped at --max-steps,
-resumed, and the same stop converted to a universal checkpoint and resumed on one rank;
+ZeRO-1 and ZeRO-3 with label maps and EMA, then `--eval-only` on the consolidated weights;
+ZeRO-2 without maps SIGKILLed mid-epoch while checkpointing, resumed, and its last complete
+checkpoint converted to a universal one and resumed on one rank (to --max-steps);
 launcher-less single processes that fine-tune from a lower resolution and meet NaN
 teacher logits (stop, and skip in bf16).
 """
@@ -14,6 +15,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +32,7 @@ from lvvit.data.labelmap import LabelMap, encode_tlm
 from lvvit.data.pipeline import eval_loader
 from lvvit.data.transforms import normalize
 from lvvit.models import create_model
+from lvvit.train.checkpointing import EMA_FILE
 from lvvit.train.schedule import WarmupCosineSchedule
 
 pytestmark = pytest.mark.slow
@@ -132,8 +135,9 @@ def ds_config(tmp: Path, stage: int) -> Path:
     return path
 
 
-def launch(args: list[str], tracking_uri: str | None, ranks: int = 2, check: bool = True,
-           env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def command(args: list[str], tracking_uri: str | None, ranks: int = 2,
+            env_extra: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """``deepspeed --num_gpus RANKS train.py ARGS`` (``python train.py`` for 0) and its environment."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
            "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -146,6 +150,12 @@ def launch(args: list[str], tracking_uri: str | None, ranks: int = 2, check: boo
         cmd = [sys.executable, "train.py", *args]
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(k, None)
+    return cmd, env
+
+
+def launch(args: list[str], tracking_uri: str | None, ranks: int = 2, check: bool = True,
+           env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    cmd, env = command(args, tracking_uri, ranks, env_extra)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
@@ -226,30 +236,108 @@ def test_zero1_and_zero3_learn_consolidate_and_track(data, mlflow_server, tmp_pa
         tags_on_disk = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
         assert tags_on_disk == ["step00000032", "step00000036"]  # keep 2, unique step tags
         engine_eval_vs_weights(out, data["eval"], client, run_id)
+    eval_only_reproduces_final_eval(out, tmp_path, client, run_id, mlflow_server, data["eval"])
 
 
-def test_stopped_run_resumes_like_an_uninterrupted_one(data, mlflow_server, tmp_path):
+def eval_only_reproduces_final_eval(out: Path, tmp: Path, client, run_id: str, uri: str, eval_dir: Path) -> None:
+    """``--eval-only --finetune weights.pth`` on the ZeRO-3 run's weights, two ranks, no train
+    shards: the same numbers as the run's last eval (weights and EMA), in eval.json and in a
+    new MLflow run; nothing trained, nothing saved, the training run's record untouched."""
+    eval_out = tmp / "eval_only"
+    launch(["--deepspeed_config", str(ds_config(tmp, 3)), "--eval-shards", str(eval_dir), "--output",
+            str(eval_out), "--experiment", "lvvit-test", *COMMON, "--eval-only", "--finetune",
+            str(out / "weights.pth")], uri)
+    record = json.loads((eval_out / "eval.json").read_text())
+    assert record["source"] == str(out / "weights.pth") and record["world_size"] == 2
+    assert record["step"] == 0  # no optimizer step taken
+    got = record["metrics"]
+    assert got["eval/samples"] == got["eval_ema/samples"] == 36
+    for key in ("eval/loss", "eval/top1", "eval/top5", "eval_ema/loss", "eval_ema/top1"):
+        assert got[key] == pytest.approx(metric(client, run_id, key)[-1][1], rel=1e-5, abs=1e-6), key
+    assert got["eval/loss"] != pytest.approx(got["eval_ema/loss"], rel=1e-6)  # two different weight sets
+    assert sorted(p.name for p in eval_out.iterdir()) == ["eval.json"]  # no checkpoints, no run record
+    runs = client.search_runs([client.get_run(run_id).info.experiment_id],
+                              filter_string="params.eval_only = 'True'")
+    assert len(runs) == 1 and runs[0].info.run_id != run_id and runs[0].info.status == "FINISHED"
+    assert runs[0].data.metrics["eval_ema/top1"] == pytest.approx(got["eval_ema/top1"])
+    assert "eval.json" in {a.path for a in client.list_artifacts(runs[0].info.run_id)}
+
+
+def kill_when_saving(args: list[str], tracking_uri: str, tag_dir: Path, log: Path) -> None:
+    """Start a two-rank run and SIGKILL the launcher's process group (launcher and ranks) the
+    moment ``tag_dir`` appears, i.e. while that checkpoint is being written or just after."""
+    cmd, env = command(args, tracking_uri)
+    with log.open("w") as sink:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            deadline = time.time() + 300
+            while not tag_dir.exists():
+                assert proc.poll() is None, f"run ended before {tag_dir.name}:\n{log.read_text()[-4000:]}"
+                assert time.time() < deadline, f"no {tag_dir.name} after 300 s"
+                time.sleep(0.005)
+            os.killpg(proc.pid, signal.SIGKILL)
+        finally:
+            proc.wait(timeout=60)
+    for _ in range(100):  # the ranks die with the launcher: nothing of the group is left
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("rank processes survived the kill")
+
+
+def assert_complete(tag_dir: Path, ranks: int) -> None:
+    """Every file a two-rank ZeRO-2 tag with EMA needs, each one readable."""
+    expected = {"mp_rank_00_model_states.pt", EMA_FILE,
+                *(f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(ranks)),
+                *(f"lvvit_rng_rank{r}.pt" for r in range(ranks))}
+    assert expected <= {p.name for p in tag_dir.iterdir()}, sorted(p.name for p in tag_dir.iterdir())
+    for name in expected:
+        torch.load(tag_dir / name, map_location="cpu", weights_only=False)
+
+
+def test_killed_run_resumes_like_an_uninterrupted_one(data, mlflow_server, tmp_path):
+    """SIGKILL mid-epoch while a checkpoint is being written; --resume loses only the steps
+    since the last complete one, follows the same lr schedule to the same last step and
+    continues the same MLflow run. Then that checkpoint, made universal, resumes on one rank."""
     from mlflow import MlflowClient
 
     client = MlflowClient(mlflow_server)
     out = tmp_path / "zero2"
+    ckpts = out / "checkpoints"
     args = run_args(out, data["plain"], data["eval"], ds_config(tmp_path, 2), "zero2-resume")
-    launch([*args, "--max-steps", "7"], mlflow_server)
+    kill_when_saving(args, mlflow_server, ckpts / "step00000008", tmp_path / "killed.log")
+    latest = (ckpts / "latest").read_text()
+    assert latest in ("step00000004", "step00000008")  # step 8 only if its save had completed
+    assert_complete(ckpts / latest, ranks=2)
+    resumed = int(latest.removeprefix("step"))
     first = json.loads((out / "mlflow_run.json").read_text())["run_id"]
-    assert client.get_run(first).info.status == "KILLED"
-    assert (out / "checkpoints" / "latest").read_text() == "step00000007"
-    universal = to_universal(out / "checkpoints" / "step00000007", tmp_path / "universal" / "checkpoints")
-    launch([*args, "--resume"], mlflow_server)
+    assert client.get_run(first).info.status == "RUNNING"  # nobody closed it
+    killed_at = max(s for s, _ in metric(client, first, "train/lr"))
+    assert resumed <= killed_at < 12  # killed mid-epoch (12 steps each)
+    universal = to_universal(ckpts / latest, tmp_path / "universal" / "checkpoints")
+
+    proc = launch([*args, "--resume"], mlflow_server)
+    assert f"resumed at step {resumed} (epoch 0, step {resumed} in it)" in proc.stderr + proc.stdout
     assert json.loads((out / "mlflow_run.json").read_text())["run_id"] == first
     run = client.get_run(first)
     assert run.info.status == "FINISHED"
     lrs = metric(client, first, "train/lr")
-    assert [s for s, _ in lrs] == list(range(1, TOTAL_STEPS + 1))  # no step lost or repeated
+    steps = [s for s, _ in lrs]
+    # every step once, except those trained after the checkpoint and lost with the kill
+    assert steps == sorted([*range(1, TOTAL_STEPS + 1), *range(resumed + 1, killed_at + 1)])
     schedule = WarmupCosineSchedule(lr=3e-3, min_lr=1e-4, warmup_lr=1e-6, warmup_epochs=0.5, epochs=2,
                                     steps_per_epoch=12)
     # DeepSpeed's lr after optimizer step s is the schedule at s (the scheduler has stepped s times)
-    assert [v for _, v in lrs] == pytest.approx([schedule.lr_at(s) for s, _ in lrs], rel=1e-9)
-    assert len(metric(client, first, "eval/top1")) == 3  # one per epoch, across the restart
+    assert [v for _, v in lrs] == pytest.approx([schedule.lr_at(s) for s in steps], rel=1e-9)
+    assert [s for s, _ in metric(client, first, "eval/top1")] == [12, 24, 36]  # one per epoch
+    final = torch.load(ckpts / "step00000036" / "mp_rank_00_model_states.pt", map_location="cpu",
+                       weights_only=False)
+    assert final["global_steps"] == TOTAL_STEPS and final["lvvit"]["epoch"] == 3
+    assert (ckpts / "latest").read_text() == "step00000036"
     payload = torch.load(out / "weights.pth", map_location="cpu")
     assert "state_dict_ema" in payload
 
@@ -257,15 +345,16 @@ def test_stopped_run_resumes_like_an_uninterrupted_one(data, mlflow_server, tmp_
     # (accumulating 2 micro batches keeps the global batch, hence the schedule, the same)
     uni_out = universal.parent.parent
     args = run_args(uni_out, data["plain"], data["eval"], ds_config(tmp_path, 2), "universal")
-    proc = launch([*args, "--no-mlflow", "--no-eval", "--grad-accum", "2", "--max-steps", "10",
+    stop = resumed + 3
+    proc = launch([*args, "--no-mlflow", "--no-eval", "--grad-accum", "2", "--max-steps", str(stop),
                    "--resume", str(universal), "--universal"], None, ranks=0)
-    assert "resumed at step 7 (epoch 0, step 7 in it)" in proc.stderr + proc.stdout
+    assert f"resumed at step {resumed} (epoch 0, step {resumed} in it)" in proc.stderr + proc.stdout
     assert "x accum 2 (command line) x 1 ranks = 16" in proc.stderr + proc.stdout
-    state = torch.load(uni_out / "checkpoints" / "step00000010" / "mp_rank_00_model_states.pt",
+    state = torch.load(uni_out / "checkpoints" / f"step{stop:08d}" / "mp_rank_00_model_states.pt",
                        map_location="cpu", weights_only=False)
-    assert state["global_steps"] == 10 and state["lvvit"]["step_in_epoch"] == 10
-    assert state["lr_scheduler"]["last_epoch"] == 10
-    assert state["lr_scheduler"]["_last_lr"][0] == pytest.approx(schedule.lr_at(10), rel=1e-9)
+    assert state["global_steps"] == stop and state["lvvit"]["step_in_epoch"] == stop
+    assert state["lr_scheduler"]["last_epoch"] == stop
+    assert state["lr_scheduler"]["_last_lr"][0] == pytest.approx(schedule.lr_at(stop), rel=1e-9)
 
 
 def to_universal(tag_dir: Path, checkpoints: Path) -> Path:

@@ -67,3 +67,22 @@ def test_no_weight_decay_set():
     assert {names[id(p)] for p in decay["params"]} == {
         n for n, p in model.named_parameters() if p.ndim > 1 and n not in ("pos_embed", "cls_token")}
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--finetune", "w.pth"], "--eval-only needs --eval-shards"),
+    (["--eval-shards", "v"], "exactly one of --resume"),
+    (["--eval-shards", "v", "--finetune", "w.pth", "--resume"], "exactly one of --resume"),
+    (["--eval-shards", "v", "--finetune", "w.pth", "--no-eval"], "contradicts --no-eval"),
+])
+def test_eval_only_needs_shards_and_one_source(extra, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--eval-only", *extra])
+    assert message in capsys.readouterr().err
+
+
+def test_eval_only_needs_no_train_shards():
+    args = parse_args(["--eval-only", "--eval-shards", "v", "--resume", "step00000008"])
+    assert args.eval_only and args.resume == "step00000008" and args.train_shards is None
+    with pytest.raises(SystemExit):
+        parse_args(["--eval-shards", "v"])  # training still needs them

@@ -4,8 +4,12 @@ A tag folder ``OUTPUT/checkpoints/stepNNNNNNNN/`` holds DeepSpeed's files (model
 optimizer partitions, lr scheduler, global step, and our small client state: epoch,
 position in the epoch, MLflow run id) plus ours: ``lvvit_ema.pt`` (the full EMA, written by
 rank 0, so it re-slices onto any rank count) and ``lvvit_rng_rankR.pt`` (each rank's RNG).
-``latest`` is written by DeepSpeed after every file of a tag is in place, so a run killed
-mid-save resumes from the previous tag.
+``latest`` is ours, not DeepSpeed's: DeepSpeed's rank 0 writes it (in place, not atomically)
+as soon as its own files are saved, while other ranks may still be writing their
+partitions and before our EMA/RNG files exist. We save with ``save_latest=False`` and
+rank 0 replaces ``latest`` atomically only after a barrier that follows every rank's files,
+so a run killed mid-save resumes from the previous, complete tag; the half-written folder
+is rewritten when the resumed run reaches that step again.
 """
 
 from __future__ import annotations
@@ -50,6 +54,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """The text file counterpart of ``atomic_torch_save``."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_latest(directory: Path, tag: str) -> None:
+    """Point ``latest`` (DeepSpeed's format: the tag name) at a complete tag, atomically."""
+    atomic_write_text(directory / "latest", tag)
+
+
 class Checkpointer:
     """Saves on every rank (DeepSpeed needs all of them), keeps the newest ``keep`` tags."""
 
@@ -59,17 +75,19 @@ class Checkpointer:
         self.keep = keep
         self.ema = ema
         self.last_tag: str | None = None
+        self.loaded_from: Path | None = None  # the tag folder ``resume`` loaded
 
     def save(self, client_state: dict[str, Any]) -> str:
         tag = step_tag(self.engine.global_steps)
         ema_state = self.ema.full_state_dict() if self.ema is not None else None
-        self.engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state)
+        self.engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state, save_latest=False)
         rank = dist.get_rank()
         atomic_torch_save(rng_state(), self.directory / tag / f"lvvit_rng_rank{rank}.pt")
         if rank == 0 and ema_state is not None:
             atomic_torch_save(ema_state, self.directory / tag / EMA_FILE)
-        dist.barrier()
+        dist.barrier()  # every rank's files of the tag are complete
         if rank == 0:
+            write_latest(self.directory, tag)
             self._rotate()
         dist.barrier()
         self.last_tag = tag
@@ -109,6 +127,7 @@ class Checkpointer:
         if rng_file.exists():
             set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
         self.last_tag = tag_dir.name
+        self.loaded_from = tag_dir
         return client_state
 
 

@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("evaluation and tracking")
     g.add_argument("--no-eval", dest="eval", action="store_false", help="skip per-epoch evaluation")
+    g.add_argument("--eval-only", action="store_true",
+                   help="evaluate a checkpoint (--resume [TAG|DIR]) or a weights file (--finetune FILE, "
+                   "its EMA too) on --eval-shards with all ranks, write OUTPUT/eval.json and exit: "
+                   "no training, no checkpoint; MLflow logs to a new run")
     g.add_argument("--experiment", default="lvvit", help="MLflow experiment")
     g.add_argument("--run-name", default=None, help="MLflow run name (default: model-imgsize)")
     g.add_argument("--no-mlflow", dest="mlflow", action="store_false", help="no MLflow tracking")
@@ -143,10 +147,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and not isinstance(value, Path):
             setattr(args, name, Path(value))
-    if not args.train_shards:
+    if args.eval_only:
+        check_eval_only(parser, args)
+    elif not args.train_shards:
         parser.error("--train-shards is required")
     args.model_overrides = parse_model_args(args.model_arg)
     return args
+
+
+def check_eval_only(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--eval-only`` needs eval shards and exactly one source of weights."""
+    if not args.eval_shards:
+        parser.error("--eval-only needs --eval-shards")
+    if not args.eval:
+        parser.error("--eval-only contradicts --no-eval")
+    if (args.resume is None) == (args.finetune is None):
+        parser.error("--eval-only needs exactly one of --resume [TAG|DIR] (a DeepSpeed checkpoint) "
+                     "or --finetune FILE (a weights file such as OUTPUT/weights.pth)")
 
 
 def parse_model_args(items: list[str]) -> dict[str, Any]:

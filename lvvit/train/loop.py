@@ -16,17 +16,21 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from lvvit.train import config as C
-from lvvit.train.checkpointing import WEIGHTS_FILE, Checkpointer, consolidate
+from lvvit.train.checkpointing import WEIGHTS_FILE, Checkpointer, atomic_write_text, consolidate
 from lvvit.train.tracking import flatten, git_commit, make_tracker, read_run_file
 
+if TYPE_CHECKING:
+    from lvvit.train.ema import ModelEma
+
 log = logging.getLogger("lvvit.train")
+EVAL_FILE = "eval.json"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -90,14 +94,24 @@ class Position:
     step_in_epoch: int = 0
 
 
-def build_model(args: argparse.Namespace, num_classes: int) -> tuple[torch.nn.Module, dict[str, Any]]:
+def build_model(
+    args: argparse.Namespace, num_classes: int, load: bool = True
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model, with ``--finetune`` weights unless ``load`` is off. Under ``--eval-only`` a
+    class count that differs from the file's is an error: re-initialised heads would be
+    evaluated as if trained."""
     from lvvit.models import create_model
-    from lvvit.models.checkpoint import load_checkpoint
+    from lvvit.models.checkpoint import load_checkpoint, read_state_dict
 
     model_args = {"name": args.model, "img_size": args.img_size, "num_classes": num_classes,
                   **args.model_overrides}
     model = create_model(**model_args, drop_path_rate=args.drop_path, mix_token=args.mix_token)
-    if args.finetune is not None:
+    if args.finetune is not None and load:
+        if args.eval_only:
+            head = read_state_dict(args.finetune).get("head.weight")
+            if head is not None and head.shape[0] != num_classes:
+                raise SystemExit(f"--eval-only: {args.finetune} has {head.shape[0]} classes, the eval set "
+                                 f"{num_classes} (set --num-classes)")
         load_checkpoint(model, args.finetune)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -131,10 +145,11 @@ class Trainer:
         self.plan = C.resolve_batch(args, raw_ds, self.world)
         self.lr = C.peak_lr(args, self.plan.global_batch)
         self.ds_config = C.resolve_ds_config(args, raw_ds, self.plan, self.lr)
-        self.steps_per_epoch = args.steps_per_epoch or C.steps_per_epoch_from_manifest(
-            args.train_shards, self.plan.global_batch)
+        # --eval-only may have no train shards; its schedule is never stepped
+        self.steps_per_epoch = args.steps_per_epoch or (C.steps_per_epoch_from_manifest(
+            args.train_shards, self.plan.global_batch) if args.train_shards else 1)
         self.total_epochs = args.epochs + args.cooldown_epochs
-        self.classes = read_classes(args.train_shards)
+        self.classes = read_classes(args.train_shards or args.eval_shards)
         self.num_classes = args.num_classes or (len(self.classes) if self.classes else 1000)
 
         seed_everything(args.seed)  # identical initial weights on every rank
@@ -148,6 +163,8 @@ class Trainer:
         seed_everything(args.seed + self.rank)  # different augmentation, drop path, mixing per rank
         self.dtype = engine_dtype(self.engine)
         self.ema = ModelEma(self.engine.module, args.ema_decay) if args.model_ema else None
+        if args.eval_only and args.finetune is not None:
+            self.ema = self.ema_from_file(args.finetune) if self.ema is not None else None
         self.checkpointer = Checkpointer(self.engine, args.output / "checkpoints", args.keep, self.ema)
         self.loss_fn = TokenLabelingLoss(cls_weight=args.cls_weight, dense_weight=args.dense_weight,
                                          smoothing=args.smoothing, ground_truth=args.ground_truth)
@@ -162,10 +179,28 @@ class Trainer:
                      self.position.epoch, self.position.step_in_epoch)
         if run_id is None and args.resume is not None:
             run_id = (read_run_file(args.output) or {}).get("run_id")
+        run_name = args.run_name or f"{args.model}-{args.img_size}{'-eval' if args.eval_only else ''}"
         self.tracker = make_tracker(
-            args.mlflow, self.rank, args.experiment, args.run_name or f"{args.model}-{args.img_size}",
-            args.output, self.tags(), run_id, args.system_metrics)
+            args.mlflow, self.rank, args.experiment, run_name, args.output, self.tags(),
+            None if args.eval_only else run_id, args.system_metrics, record=not args.eval_only)
         self.log_setup(ds_path)
+
+    def ema_from_file(self, path: Path) -> ModelEma | None:
+        """The file's EMA weights as the run's EMA (``None`` when it has none), adapted to the
+        model like the raw weights (pos_embed at another resolution)."""
+        from lvvit.models.checkpoint import CheckpointError, load_checkpoint, read_state_dict
+        from lvvit.train.ema import ModelEma
+
+        try:
+            read_state_dict(path, use_ema=True)
+        except CheckpointError:
+            log.info("%s has no EMA weights: evaluating the raw weights only", path)
+            return None
+        model, _ = build_model(self.args, self.num_classes, load=False)
+        load_checkpoint(model, path, use_ema=True)
+        ema = ModelEma(self.engine.module, self.args.ema_decay)
+        ema.load_full_state_dict(model.state_dict())
+        return ema
 
     # ----------------------------------------------------------------- setup records
     def tags(self) -> dict[str, str]:
@@ -367,15 +402,42 @@ class Trainer:
             self.ema.reduce_buffers()
         metrics: dict[str, float] = {}
         if self.args.eval and self.args.eval_shards:
-            metrics = {f"eval/{k}": v for k, v in self.evaluate().items()}
-            if self.ema is not None:
-                with self.ema.applied():
-                    metrics.update({f"eval_ema/{k}": v for k, v in self.evaluate().items()})
-            self.tracker.log_metrics(metrics, step=self.engine.global_steps)
+            metrics = self.eval_all()
             if self.rank == 0:
                 log.info("epoch %d eval %s", self.position.epoch, metrics)
         self.position = Position(self.position.epoch + 1, 0)
         self.save()
+        return metrics
+
+    def eval_all(self) -> dict[str, float]:
+        """``eval/*`` for the weights and ``eval_ema/*`` for the EMA, logged at the current step."""
+        metrics = {f"eval/{k}": v for k, v in self.evaluate().items()}
+        if self.ema is not None:
+            with self.ema.applied():
+                metrics.update({f"eval_ema/{k}": v for k, v in self.evaluate().items()})
+        self.tracker.log_metrics(metrics, step=self.engine.global_steps)
+        return metrics
+
+    def eval_only(self) -> dict[str, float]:
+        """Evaluate what was loaded, write ``OUTPUT/eval.json`` (rank 0) and close the run.
+
+        Nothing is trained and nothing saved: the optimizer exists only because DeepSpeed
+        builds the engine (and, under ZeRO-3, partitions the weights) with it.
+        """
+        a = self.args
+        source = self.checkpointer.loaded_from if a.resume is not None else a.finetune
+        metrics = self.eval_all()
+        if self.rank == 0:
+            record = {"source": str(source), "step": self.engine.global_steps, "world_size": self.world,
+                      "eval_shards": a.eval_shards, "metrics": metrics}
+            path = a.output / EVAL_FILE
+            atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+            self.tracker.log_params({"eval_source": str(source)})
+            self.tracker.log_artifact(path)
+            log.info("eval of %s: %s; wrote %s", source, metrics, path)
+            print(json.dumps(record), flush=True)
+        dist.barrier()
+        self.tracker.finish("FINISHED")
         return metrics
 
     def evaluate(self) -> dict[str, float]:
@@ -401,7 +463,11 @@ class Trainer:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = C.parse_args(argv)
-    Trainer(args).run()
+    trainer = Trainer(args)
+    if args.eval_only:
+        trainer.eval_only()
+    else:
+        trainer.run()
 
 
 __all__ = ["NonFiniteLoss", "Trainer", "main"]

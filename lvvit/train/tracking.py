@@ -77,7 +77,7 @@ class MlflowTracker(NullTracker):
 
     def __init__(
         self, experiment: str, run_name: str, output: Path, tags: dict[str, str],
-        run_id: str | None = None, system_metrics: bool = True,
+        run_id: str | None = None, system_metrics: bool = True, record: bool = True,
     ) -> None:
         import mlflow
 
@@ -88,6 +88,12 @@ class MlflowTracker(NullTracker):
         else:
             run = mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=system_metrics)
         self.run_id = run.info.run_id
+        if record:
+            self._record(output, run)
+
+    def _record(self, output: Path, run) -> None:
+        """``OUTPUT/mlflow_run.json``: the run ``--resume`` continues and ``lvvit-export`` logs to."""
+        mlflow = self.mlflow
         output.mkdir(parents=True, exist_ok=True)
         record = {
             "run_id": self.run_id,
@@ -119,8 +125,10 @@ class MlflowTracker(NullTracker):
 
 def make_tracker(
     enabled: bool, rank: int, experiment: str, run_name: str, output: Path,
-    tags: dict[str, str], run_id: str | None, system_metrics: bool,
+    tags: dict[str, str], run_id: str | None, system_metrics: bool, record: bool = True,
 ) -> NullTracker:
+    """``record=False`` leaves ``OUTPUT/mlflow_run.json`` alone (an eval-only run must not
+    take the place of the training run that ``--resume`` continues)."""
     if not enabled or rank != 0:
         return NullTracker()
-    return MlflowTracker(experiment, run_name, output, tags, run_id, system_metrics)
+    return MlflowTracker(experiment, run_name, output, tags, run_id, system_metrics, record)
