@@ -250,6 +250,24 @@ def test_fp16_export_passes_parity_and_a_failed_parity_writes_nothing(workdir, c
     assert not [p for p in workdir.iterdir() if p.name.startswith(".fp16_strict")]  # no staging left
 
 
+def test_opset_23_writes_standard_attention_that_matches_the_default_graph(workdir, checkpoint, fp32_export):
+    """--opset 23 (the documented ONNX Runtime CPU option): ONNX's own Attention op instead of
+    the decomposed softmax(QK^T)V, no runtime-specific ops, same parity and the same logits."""
+    out = workdir / "opset23"
+    proc = export(*TINY_FLAGS, "--checkpoint", str(checkpoint["path"]), "--ema", "--out", str(out),
+                  "--max-batch", "4", "--opset", "23")
+    assert proc.returncode == 0, proc.stderr
+    proto = load_onnx(out / "model.onnx")  # full checker and the serving interface
+    assert proto.opset_import[0].version == 23 and json.loads((out / "model.json").read_text())["opset"] == 23
+    ops = [(n.domain, n.op_type) for n in proto.graph.node]
+    assert ops.count(("", "Attention")) == TINY["depth"] and ("", "Softmax") not in ops
+    assert {domain for domain, _ in ops} == {""}
+    report = json.loads((out / "parity.json").read_text())["onnxruntime"]
+    assert report["passed"] and all(b["max_abs_diff"] <= 1e-4 for b in report["batches"])
+    x = normalize(parity_pixels(3, 64, seed=11)).numpy()
+    assert np.abs(run_onnx(out / "model.onnx", x) - run_onnx(fp32_export["out"] / "model.onnx", x)).max() < 1e-4
+
+
 def test_bf16_is_refused_where_onnx_runtime_cannot_check_it(workdir, checkpoint):
     """ORT's CPU provider has no bf16 Conv kernel: an unchecked model must not be written."""
     if "CUDAExecutionProvider" in ort.get_available_providers():

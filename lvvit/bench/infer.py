@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="intra-op threads for both sides (0: torch's default)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds per batch size")
     parser.add_argument("--min-seconds", type=float, default=1.0, help="least time per side per round")
+    parser.add_argument("--opsets", default=None,
+                        help="comma-separated ONNX opsets to export (default: lvvit-export's, 18); each graph "
+                             "is one more ORT side of the same rounds (18,23: 23 writes ONNX's Attention op)")
     parser.add_argument("--opt-level", choices=OPT_LEVELS, default="all",
                         help="ORT graph optimisation level of the main comparison")
     parser.add_argument("--no-sweep", dest="sweep", action="store_false",
@@ -72,15 +75,18 @@ def ort_session(path: Path, opt_level: str, threads: int, providers: list[str]):
 def print_table(title: str, rows: list[tuple[int, dict[str, float]]]) -> None:
     names = list(rows[0][1])
     print(f"\n{title}")
-    print(f"{'batch':>6} " + " ".join(f"{n + ' img/s':>22}" for n in names))
+    print(f"{'batch':>6} " + " ".join(f"{n + ' img/s':>26}" for n in names))
     for batch, result in rows:
-        print(f"{batch:>6} " + " ".join(f"{result[n]:>22.1f}" for n in names))
+        print(f"{batch:>6} " + " ".join(f"{result[n]:>26.1f}" for n in names))
 
 
-def cpu_benchmark(args, model: torch.nn.Module, onnx_path: Path, batches: list[int]) -> list[str]:
+def cpu_benchmark(args, model: torch.nn.Module, onnx_paths: dict[int, Path], batches: list[int]) -> list[str]:
+    """PyTorch eager against one ORT CPU session per exported opset, all in the same rounds."""
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    session = ort_session(onnx_path, args.opt_level, threads, ["CPUExecutionProvider"])
+    sessions = {opset: ort_session(path, args.opt_level, threads, ["CPUExecutionProvider"])
+                for opset, path in onnx_paths.items()}
+    names = {opset: f"ort opset {opset} ({args.opt_level})" for opset in sessions}
     rows, ratios = [], []
     for batch in batches:
         x = torch.randn(batch, 3, args.img_size, args.img_size)
@@ -90,23 +96,21 @@ def cpu_benchmark(args, model: torch.nn.Module, onnx_path: Path, batches: list[i
             with torch.inference_mode():
                 return model(x)
 
-        def ort_run(x_np=x_np):
-            return session.run(None, {"images": x_np})
-
-        result = compare({"pytorch eager": eager, f"ort cpu ({args.opt_level})": ort_run},
-                         batch, args.rounds, args.min_seconds)
+        sides = {"pytorch eager": eager, **{names[opset]: (lambda s=s, x_np=x_np: s.run(None, {"images": x_np}))
+                                            for opset, s in sessions.items()}}
+        result = compare(sides, batch, args.rounds, args.min_seconds)
         rows.append((batch, result))
-        eager_ips, ort_ips = result.values()
-        ratios.append(f"batch {batch}: {ort_ips / eager_ips:.2f}x")
+        ratios.append(f"batch {batch}: " + ", ".join(
+            f"{result[names[opset]] / result['pytorch eager']:.2f}x (opset {opset})" for opset in sessions))
     print_table(f"CPU, {threads} threads: {args.model} @ {args.img_size}, fp32", rows)
 
     if args.sweep:
+        opset, path = next(iter(onnx_paths.items()))
         x_np = np.random.default_rng(0).standard_normal((1, 3, args.img_size, args.img_size), np.float32)
-        sessions = {level: ort_session(onnx_path, level, threads, ["CPUExecutionProvider"])
-                    for level in OPT_LEVELS}
+        levels = {level: ort_session(path, level, threads, ["CPUExecutionProvider"]) for level in OPT_LEVELS}
         sweep = compare({f"ort {level}": (lambda s=s: s.run(None, {"images": x_np}))
-                         for level, s in sessions.items()}, 1, args.rounds, args.min_seconds)
-        print_table("ORT graph optimisation levels, batch 1", [(1, sweep)])
+                         for level, s in levels.items()}, 1, args.rounds, args.min_seconds)
+        print_table(f"ORT graph optimisation levels, batch 1, opset {opset}", [(1, sweep)])
     return ratios
 
 
@@ -148,17 +152,19 @@ def gpu_benchmark(args, model: torch.nn.Module, batches: list[int], workdir: Pat
 
 
 def run(args: argparse.Namespace) -> None:
-    from lvvit.export.onnx_export import export_onnx
+    from lvvit.export.onnx_export import default_opset, export_onnx
 
     batches = [int(b) for b in args.batches.split(",")]
+    opsets = [int(o) for o in args.opsets.split(",")] if args.opsets else [default_opset("fp32")]
     torch.manual_seed(0)
     model = create_model(args.model, img_size=args.img_size).eval()
     print(f"{args.model} @ {args.img_size}, random weights, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
     with tempfile.TemporaryDirectory(prefix="lvvit-bench-infer-") as tmp:
-        onnx_path = Path(tmp) / "model.onnx"
-        export_onnx(model, onnx_path, args.img_size)
-        cpu_ratios = cpu_benchmark(args, model, onnx_path, batches)
+        onnx_paths = {opset: Path(tmp) / f"model_opset{opset}.onnx" for opset in opsets}
+        for opset, path in onnx_paths.items():
+            export_onnx(model, path, args.img_size, opset=opset)
+        cpu_ratios = cpu_benchmark(args, model, onnx_paths, batches)
         gpu_ratios = None
         if torch.cuda.is_available():
             gpu_ratios = gpu_benchmark(args, model, batches, Path(tmp))
