@@ -426,16 +426,23 @@ class EvalTransform:
     img_size: int = 224
     crop_pct: float = 0.9
 
-    def __call__(self, data: bytes) -> np.ndarray:
-        img = decode_rgb(data)
-        width, height = img.size
+    def geometry(self, width: int, height: int) -> tuple[tuple[int, int], int, int]:
+        """``(resized size, left, top)`` of the crop for a ``width x height`` image."""
         short = math.floor(self.img_size / self.crop_pct)
         if width <= height:
             size = (short, int(short * height / width))
         else:
             size = (int(short * width / height), short)
+        return size, round((size[0] - self.img_size) / 2.0), round((size[1] - self.img_size) / 2.0)
+
+    def box(self, width: int, height: int) -> Box:
+        """The part of the image the crop keeps, normalised (the box a teacher's map covers)."""
+        (new_w, new_h), left, top = self.geometry(width, height)
+        return left / new_w, top / new_h, (left + self.img_size) / new_w, (top + self.img_size) / new_h
+
+    def __call__(self, data: bytes) -> np.ndarray:
+        img = decode_rgb(data)
+        size, left, top = self.geometry(*img.size)
         img = img.resize(size, Image.Resampling.BICUBIC)
-        left = round((size[0] - self.img_size) / 2.0)
-        top = round((size[1] - self.img_size) / 2.0)
         img = img.crop((left, top, left + self.img_size, top + self.img_size))
         return np.array(img, dtype=np.uint8)

@@ -7,7 +7,6 @@ the teacher, so a GPU teacher is not starved by a single decoding thread.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tarfile
 import time
@@ -40,18 +39,8 @@ PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def eval_box(width: int, height: int, img_size: int, crop_pct: float) -> Box:
     """The part of a ``width x height`` image that ``EvalTransform(img_size, crop_pct)``
-    keeps, in normalised coordinates: the box the teacher's map covers.
-
-    Same geometry as the transform: shorter side resized to ``floor(img_size / crop_pct)``,
-    then a centred ``img_size`` crop with rounded offsets.
-    """
-    short = math.floor(img_size / crop_pct)
-    if width <= height:
-        new_w, new_h = short, int(short * height / width)
-    else:
-        new_w, new_h = int(short * width / height), short
-    left, top = round((new_w - img_size) / 2.0), round((new_h - img_size) / 2.0)
-    return left / new_w, top / new_h, (left + img_size) / new_w, (top + img_size) / new_h
+    keeps, in normalised coordinates: the box the teacher's map covers."""
+    return EvalTransform(img_size=img_size, crop_pct=crop_pct).box(width, height)
 
 
 @dataclass
@@ -105,7 +94,7 @@ class Labeler:
         """The teacher's eval crop (uint8 ``[S, S, 3]``) and the box it covers."""
         data = sample.image()
         width, height = open_image(data).size
-        box = eval_box(width, height, self.transform.img_size, self.transform.crop_pct)
+        box = self.transform.box(width, height)
         return self.transform(data), box
 
     @torch.inference_mode()
