@@ -334,6 +334,9 @@ def test_killed_run_resumes_like_an_uninterrupted_one(data, mlflow_server, tmp_p
     # DeepSpeed's lr after optimizer step s is the schedule at s (the scheduler has stepped s times)
     assert [v for _, v in lrs] == pytest.approx([schedule.lr_at(s) for s in steps], rel=1e-9)
     assert [s for s, _ in metric(client, first, "eval/top1")] == [12, 24, 36]  # one per epoch
+    losses = [v for _, v in metric(client, first, "train/loss")]
+    assert np.mean(losses[-6:]) < np.mean(losses[:3]) - 0.4, losses  # ZeRO-2 learns too
+    assert metric(client, first, "eval/top1")[-1][1] > 70.0  # chance: 25
     final = torch.load(ckpts / "step00000036" / "mp_rank_00_model_states.pt", map_location="cpu",
                        weights_only=False)
     assert final["global_steps"] == TOTAL_STEPS and final["lvvit"]["epoch"] == 3
