@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from lvvit import atomic
 from lvvit.data.labelmap import LabelMap, LabelMapError, centre_square_box, encode_tlm
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
@@ -208,12 +209,6 @@ def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}.tar"
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def _tar_size(offset: int) -> int:
     """File size of a tar whose members end at ``offset``: two zero blocks, then padding
     to tarfile's 10 KiB record."""
@@ -288,7 +283,7 @@ class _Progress:
 
     def save(self) -> None:
         self.state["total"] = sum(s["samples"] for s in self.state["shards"])
-        write_json_atomic(self.path, self.state)
+        atomic.write_json(self.path, self.state)
 
 
 def _check_out_dir(out: Path, prefix: str, summary_path: Path, fingerprint: str, overwrite: bool) -> dict:
@@ -351,12 +346,12 @@ def build_shards(config: BuildConfig, progress: bool = True) -> dict:
         state.state["complete"] = True
     else:
         _write_shards(config, items, state, start, progress)
-    write_json_atomic(out / "classes.json", _classes_json(classes, config.class_names))
+    atomic.write_json(out / "classes.json", _classes_json(classes, config.class_names))
     manifest = {
         "shards": [{"name": s["name"], "samples": s["samples"]} for s in state.state["shards"]],
         "total": sum(s["samples"] for s in state.state["shards"]),
     }
-    write_json_atomic(out / "manifest.json", manifest)
+    atomic.write_json(out / "manifest.json", manifest)
     state.state["complete"] = True
     state.state["resumed_shards"] = resumed_shards
     state.save()

@@ -25,6 +25,7 @@ from pathlib import Path
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from lvvit import atomic
 from lvvit.labeling.labeler import PRECISIONS, Labeler, ShardResult
 from lvvit.labeling.sources import Plan, ShardJob, is_shard_folder, plan_image_folder, plan_shards
 from lvvit.labeling.tarsamples import ShardReadError, count_tar_samples
@@ -50,13 +51,6 @@ def rank_info(local_rank_arg: int | None) -> RankInfo:
     if not 0 <= rank < world:
         raise SystemExit(f"RANK {rank} is outside WORLD_SIZE {world}")
     return RankInfo(rank, world, local_rank)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temp name unique per process: several ranks may write the same file at once."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def file_digest(path: Path) -> str:
@@ -100,14 +94,14 @@ def check_settings(out: Path, settings: dict) -> None:
 def record_settings(out: Path, settings: dict) -> None:
     """Written once a shard is finished, so a run that fails at start pins nothing."""
     if not (out / SETTINGS_FILE).is_file():
-        write_atomic(out / SETTINGS_FILE, (json.dumps(settings, indent=1) + "\n").encode())
+        atomic.write_json(out / SETTINGS_FILE, settings)
 
 
 def write_manifest(out_dir: Path, jobs: list[ShardJob]) -> None:
     """Sample counts of the finished output (skipped images change them), as in the contract."""
     shards = [{"name": job.name, "samples": count_tar_samples(out_dir / job.name)} for job in jobs]
     manifest = {"shards": shards, "total": sum(s["samples"] for s in shards)}
-    write_atomic(out_dir / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
+    atomic.write_json(out_dir / "manifest.json", manifest)
 
 
 def json_object(text: str) -> dict:
@@ -256,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"nothing to label in {args.input}")
     args.out.mkdir(parents=True, exist_ok=True)
     if plan.classes is not None:
-        write_atomic(args.out / "classes.json", plan.classes)
+        atomic.write_bytes(args.out / "classes.json", plan.classes)
     else:
         log.warning("%s has no classes.json; the output will have none either", args.input)
 

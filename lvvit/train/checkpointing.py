@@ -14,7 +14,6 @@ is rewritten when the resumed run reaches that step again.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lvvit import atomic
 from lvvit.train.ema import ModelEma
 
 TAG_RE = re.compile(r"^step(\d{8})$")
@@ -37,11 +37,9 @@ def step_tag(step: int) -> str:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write to a temporary name, then rename: a crash never leaves a complete-looking file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` through ``lvvit.atomic``: a crash never leaves a complete-looking file."""
+    with atomic.atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def rng_state() -> dict[str, Any]:
@@ -54,16 +52,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """The text file counterpart of ``atomic_torch_save``."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_latest(directory: Path, tag: str) -> None:
     """Point ``latest`` (DeepSpeed's format: the tag name) at a complete tag, atomically."""
-    atomic_write_text(directory / "latest", tag)
+    atomic.write_text(directory / "latest", tag)
 
 
 class Checkpointer:

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lvvit import atomic
 from lvvit.train import config as C
-from lvvit.train.checkpointing import WEIGHTS_FILE, Checkpointer, atomic_write_text, consolidate
+from lvvit.train.checkpointing import WEIGHTS_FILE, Checkpointer, consolidate
 from lvvit.train.tracking import flatten, git_commit, make_tracker, read_run_file
 
 if TYPE_CHECKING:
@@ -431,7 +432,7 @@ class Trainer:
             record = {"source": str(source), "step": self.engine.global_steps, "world_size": self.world,
                       "eval_shards": a.eval_shards, "metrics": metrics}
             path = a.output / EVAL_FILE
-            atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+            atomic.write_json(path, record)
             self.tracker.log_params({"eval_source": str(source)})
             self.tracker.log_artifact(path)
             log.info("eval of %s: %s; wrote %s", source, metrics, path)
