@@ -57,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ONNX Runtime intra-op threads per session; 0 lets ORT choose (default %(default)s)")
     p.add_argument("--max-request-mb", type=float, metavar="MB", default=d.max_request_mb,
                    help="largest request body, REST and gRPC (default %(default)s MB)")
+    p.add_argument("--max-image-mpix", type=float, metavar="MP", default=d.max_image_mpix,
+                   help="largest image_bytes file, in megapixels (width x height from its header, "
+                        "checked before decoding; default %(default)s)")
+    p.add_argument("--max-request-mpix", type=float, metavar="MP", default=d.max_request_mpix,
+                   help="most megapixels of image_bytes files in one request, all together "
+                        "(default %(default)s)")
+    p.add_argument("--decode-threads", type=int, metavar="N", default=d.decode_threads,
+                   help="images decoded at once, over all requests (per worker); 0: one per CPU "
+                        "core (default %(default)s)")
     p.add_argument("--settings-dir", type=Path, default=None, metavar="DIR",
                    help="write MLServer's settings.json/model-settings.json here and keep them "
                         "(default: a temporary folder removed at exit)")
@@ -67,17 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
 def options_from_args(args: argparse.Namespace) -> ServeOptions:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.model_name):
         raise SystemExit(f"lvvit-serve: --model-name {args.model_name!r}: use letters, digits, _ . -")
-    for flag in ("max_batch_size", "max_request_mb"):
+    for flag in ("max_batch_size", "max_request_mb", "max_image_mpix", "max_request_mpix"):
         if getattr(args, flag) <= 0:
             raise SystemExit(f"lvvit-serve: --{flag.replace('_', '-')} must be positive")
-    if args.max_batch_delay_ms < 0 or args.workers < 0 or args.threads < 0:
-        raise SystemExit("lvvit-serve: --max-batch-delay-ms, --workers and --threads must be >= 0")
+    if min(args.max_batch_delay_ms, args.workers, args.threads, args.decode_threads) < 0:
+        raise SystemExit("lvvit-serve: --max-batch-delay-ms, --workers, --threads and "
+                         "--decode-threads must be >= 0")
     return ServeOptions(
         model_name=args.model_name, host=args.host, http_port=args.http_port,
         grpc_port=args.grpc_port, metrics_port=args.metrics_port,
         max_batch_size=args.max_batch_size, max_batch_delay_ms=args.max_batch_delay_ms,
         workers=args.workers, provider=args.provider, threads=args.threads,
-        max_request_mb=args.max_request_mb, debug=args.debug,
+        max_request_mb=args.max_request_mb, max_image_mpix=args.max_image_mpix,
+        max_request_mpix=args.max_request_mpix, decode_threads=args.decode_threads, debug=args.debug,
     )
 
 

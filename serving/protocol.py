@@ -2,7 +2,8 @@
 
 Every check runs per request, before batching, and fails with ``InvalidInput`` (HTTP 400,
 gRPC INVALID_ARGUMENT) naming the tensor and what is wrong, so one bad request never
-reaches the batch its neighbours ride in.
+reaches the batch its neighbours ride in. Float tensors must be finite (NaN would come back
+as null logits) and JSON data must be numbers (numpy would read the string "nan" as NaN).
 
 Inputs: ``images`` (the exported tensor, ``[n, 3, S, S]`` FP32 or UINT8 as in model.json)
 or ``image_bytes`` (BYTES ``[n]`` or ``[n, 1]``: encoded JPEG/PNG files). Outputs:
@@ -30,6 +31,7 @@ LOGITS, LABELS, SCORES = "logits", "labels", "scores"
 OUTPUTS = (LOGITS, LABELS, SCORES)
 DEFAULT_TOP_K = 5
 V2_DTYPES = {"float32": "FP32", "uint8": "UINT8"}
+NON_NUMERIC_KINDS = {"U": "strings", "S": "strings", "b": "booleans", "O": "nulls or mixed values"}
 
 
 class InvalidInput(MLServerError):
@@ -113,7 +115,18 @@ def batch_size(request_input: RequestInput, spec: InputSpec) -> int:
 
 
 def decode_images(request_input: RequestInput, spec: InputSpec) -> np.ndarray:
-    """The ``images`` tensor as a ``[n, 3, S, S]`` array of the model's dtype."""
+    """The ``images`` tensor as a ``[n, 3, S, S]`` array of the model's dtype, finite."""
+    rows = _images_array(request_input, spec)
+    if rows.dtype.kind == "f":
+        finite = np.isfinite(rows.reshape(len(rows), -1)).all(axis=1)
+        if not finite.all():  # NaN would run through the model and come back as null logits
+            bad = np.flatnonzero(~finite)
+            raise InvalidInput(f"input '{IMAGES}': row {bad[0]} holds NaN or infinite values "
+                               f"({len(bad)} of {len(rows)} rows do); send finite {spec.v2_dtype} values")
+    return rows
+
+
+def _images_array(request_input: RequestInput, spec: InputSpec) -> np.ndarray:
     where = f"input '{IMAGES}'"
     if request_input.datatype != spec.v2_dtype:
         raise InvalidInput(
@@ -137,16 +150,20 @@ def decode_images(request_input: RequestInput, spec: InputSpec) -> np.ndarray:
             )
         return np.frombuffer(blob, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape)
     try:
-        arr = np.asarray(data, dtype=np.float64 if dtype == np.uint8 else dtype)
+        raw = np.asarray(data)
     except (TypeError, ValueError) as err:
         raise InvalidInput(f"{where}: data is not a numeric {spec.v2_dtype} tensor ({err})") from err
-    if arr.size != count:
-        raise InvalidInput(f"{where}: {arr.size} values for shape {shape} ({count} expected)")
+    if raw.dtype.kind not in "iuf":  # numpy would turn the strings "nan" or "1e9" into floats
+        held = NON_NUMERIC_KINDS.get(raw.dtype.kind, raw.dtype.name)
+        raise InvalidInput(f"{where}: data holds {held}, not numbers; "
+                           f"{spec.v2_dtype} data must be JSON numbers")
+    if raw.size != count:
+        raise InvalidInput(f"{where}: {raw.size} values for shape {shape} ({count} expected)")
     if dtype == np.uint8:
-        if arr.min() < 0 or arr.max() > 255 or not np.all(arr == np.round(arr)):
+        values = raw.astype(np.float64)
+        if values.min() < 0 or values.max() > 255 or not np.all(values == np.round(values)):
             raise InvalidInput(f"{where}: UINT8 values must be integers in 0..255")
-        arr = arr.astype(np.uint8)
-    return arr.reshape(shape)
+    return raw.astype(dtype).reshape(shape)
 
 
 def image_bytes_list(request_input: RequestInput, spec: InputSpec) -> list[bytes]:

@@ -9,13 +9,13 @@ tensors over HTTP; gRPC is the same.)
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from lvvit.serving.model_dir import ModelDir
 from lvvit.serving.protocol import InputSpec, metadata_tensors
+
+from lvvit.atomic import write_json
 
 RUNTIME = "lvvit.serving.runtime.LVViTRuntime"
 
@@ -35,11 +35,22 @@ class ServeOptions:
     provider: str = "cpu"
     threads: int = 0
     max_request_mb: float = 64.0
+    max_image_mpix: float = 100.0
+    max_request_mpix: float = 1000.0
+    decode_threads: int = 0  # 0: one per CPU core this process may use
     debug: bool = False
 
     @property
     def max_request_bytes(self) -> int:
         return int(self.max_request_mb * 1024 * 1024)
+
+    @property
+    def max_image_pixels(self) -> int:
+        return int(self.max_image_mpix * 1_000_000)
+
+    @property
+    def max_request_pixels(self) -> int:
+        return int(self.max_request_mpix * 1_000_000)
 
 
 def server_settings(opts: ServeOptions, metrics_dir: Path) -> dict:
@@ -77,21 +88,18 @@ def model_settings(model_dir: ModelDir, opts: ServeOptions) -> dict:
                 "threads": opts.threads,
                 "max_batch_size": opts.max_batch_size,
                 "max_batch_delay_ms": opts.max_batch_delay_ms,
+                "max_image_pixels": opts.max_image_pixels,
+                "max_request_pixels": opts.max_request_pixels,
+                "decode_threads": opts.decode_threads,
             },
         },
     }
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def write_settings(folder: str | Path, model_dir: ModelDir, opts: ServeOptions) -> Path:
     """``folder/settings.json`` + ``folder/<model>/model-settings.json``; returns ``folder``."""
     folder = Path(folder)
     (folder / opts.model_name).mkdir(parents=True, exist_ok=True)
-    _write_json(folder / "settings.json", server_settings(opts, folder / ".metrics"))
-    _write_json(folder / opts.model_name / "model-settings.json", model_settings(model_dir, opts))
+    write_json(folder / "settings.json", server_settings(opts, folder / ".metrics"))
+    write_json(folder / opts.model_name / "model-settings.json", model_settings(model_dir, opts))
     return folder

@@ -67,7 +67,7 @@ def make_image_folder(root: Path, labels: Path, per_class: int = 4, sizes=((48, 
             expected[f"{wnid}/{wnid}_{i}"] = {"label": label, "jpg": data, "map": tensor, "size": (width, height)}
     extras = root / "n00000002"
     _painted(40, 30).save(extras / "drawing.v2.png")  # dot in the stem, PNG: re-encoded
-    torch.save(t := _official_map(rng), labels / "n00000002" / "drawing.v2.pt")
+    torch.save(t := _official_map(rng), labels / "n00000002" / "drawing.pt")  # official: name up to the first dot
     expected["n00000002/drawing_v2"] = {"label": 1, "jpg": None, "map": t, "size": (40, 30)}
     _painted(200, 120).save(extras / "big.jpg", quality=90)  # longer side above --max-size 64
     torch.save(t := _official_map(rng), labels / "n00000002" / "big.pt")

@@ -333,6 +333,21 @@ def test_eval_transform_resizes_shorter_side_then_centre_crops() -> None:
     assert (out == expected).all()
 
 
+def test_eval_transform_decodes_large_jpegs_scaled_and_close_to_full() -> None:
+    """A JPEG with a shorter side of at least twice the resize target is decoded at a DCT
+    scale-down (here 1/4: 1600 / 4 >= 248 > 1600 / 8), and the crop stays within about a
+    grey level of the full-resolution decode."""
+    from lvvit.data.transforms import EvalTransform
+
+    data = photo_jpeg(2400, 1600)
+    img = open_image(data)
+    out = EvalTransform(img_size=224, crop_pct=0.9).crop(img)
+    assert img.size == (600, 400)  # decoded in place at 1/4
+    full = Image.open(io.BytesIO(data)).convert("RGB").resize((372, 248), Image.Resampling.BICUBIC)
+    diff = np.abs(out.astype(int) - np.asarray(full.crop((74, 12, 298, 236))))
+    assert out.shape == (224, 224, 3) and diff.mean() < 1.5 and np.percentile(diff, 99) < 12, diff.mean()
+
+
 def test_normalize_matches_the_formula() -> None:
     images = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
     out = normalize(images)

@@ -4,10 +4,11 @@ official TokenLabeling maps), look inside shards, and preview their token labels
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
+
+from lvvit.data.shards import CLASS_ORDERS, DEFAULT_MAX_PIXELS
 
 _SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -27,7 +28,8 @@ def _add_build(sub) -> None:
         "build",
         help="ImageFolder tree -> prefix-%%06d.tar shards + classes.json + manifest.json",
         description="Pack ROOT/<class>/<image> into WebDataset shards in a seeded shuffled order. "
-        "Images that do not decode or have no label map are reported and left out. "
+        "Images that do not decode, have an unsupported pixel mode or have no label map are reported "
+        "and left out; a build that keeps none writes no manifest and fails. "
         "Re-running the same command resumes: finished shards are kept.",
     )
     p.add_argument("root", metavar="ROOT", help="ImageFolder root: ROOT/<class>/<image>")
@@ -40,15 +42,28 @@ def _add_build(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="shuffle seed (default: 0)")
     p.add_argument("--max-size", type=int, default=None,
                    help="re-encode images whose longer side exceeds this (JPEG q95); default: keep originals")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="downscale (aspect kept, JPEG q95) images with more pixels than this "
+                   f"(default: {DEFAULT_MAX_PIXELS:,})")
     p.add_argument("--label-root", default=None,
-                   help="official TokenLabeling maps: LABEL_ROOT/<class>/<image stem>.pt, [2,k,H,W] fp16")
+                   help="official TokenLabeling maps: LABEL_ROOT/<class>/<image name up to its first dot>.pt, "
+                   "[2,k,H,W] fp16")
     p.add_argument("--class-names", default=None,
                    help="'wnid name' lines (ImageNet's LOC_synset_mapping.txt) for classes.json names")
+    add_class_order(p)
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="decode/encode processes (default: min(8, CPUs))")
     p.add_argument("--overwrite", action="store_true",
                    help="replace shards of this prefix left by a build with other inputs or settings")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_class_order(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--class-order``, shared with lvvit-label so both index class folders alike."""
+    parser.add_argument("--class-order", choices=CLASS_ORDERS, default="sorted",
+                        help="class indices from folder names: sorted (default; torchvision's ImageFolder: "
+                        "1, 10, 2) or natural (timm's and the official TokenLabeling loader's: 1, 2, 10); "
+                        "ImageNet wnids get the same order from both")
 
 
 def _add_preview(sub) -> None:
@@ -68,12 +83,18 @@ def _add_preview(sub) -> None:
 
 
 def _add_info(sub) -> None:
-    p = sub.add_parser("info", help="samples, shards, classes and label-map shape of a shard folder")
+    p = sub.add_parser(
+        "info",
+        help="samples, shards, classes and label-map shape of a shard folder",
+        description="Walks every tar to its end-of-archive block and counts its samples; a missing, "
+        "truncated or damaged tar, or one whose count differs from manifest.json, is named and the "
+        "exit status is 1.",
+    )
     p.add_argument("shards", metavar="SHARDS", help="shard folder (with manifest.json), a manifest, or one .tar")
 
 
 def _build(args) -> int:
-    from lvvit.data.shards import BuildConfig, ShardBuildError, build_shards
+    from lvvit.data.shards import BuildConfig, EmptyBuildError, ShardBuildError, build_shards
 
     config = BuildConfig(
         root=args.root,
@@ -83,57 +104,115 @@ def _build(args) -> int:
         shard_bytes=args.shard_bytes,
         seed=args.seed,
         max_size=args.max_size,
+        max_pixels=args.max_pixels,
         label_root=args.label_root,
         class_names=args.class_names,
+        class_order=args.class_order,
         workers=args.workers,
         overwrite=args.overwrite,
     )
     try:
         summary = build_shards(config, progress=not args.quiet)
+    except EmptyBuildError as exc:
+        _print_build_report({**exc.summary, "resumed_shards": 0}, args)
+        print(f"lvvit-shards: error: {exc}", file=sys.stderr)
+        return 2
     except ShardBuildError as exc:
         print(f"lvvit-shards: error: {exc}", file=sys.stderr)
         return 2
+    _print_build_report(summary, args)
+    return 0
+
+
+def _print_build_report(summary: dict, args) -> None:
+    from lvvit.data.shards import missing_label_maps
+
+    for name in summary["empty_classes"]:
+        print(f"lvvit-shards: warning: class folder {Path(args.root) / name} has no images; its class gets no samples",
+              file=sys.stderr)
     skipped = summary["skipped"]
     print(
         f"{summary['total']} samples in {len(summary['shards'])} shards under {args.out} "
         f"({summary['resumed_shards']} kept from an earlier run), {len(skipped)} left out, "
-        f"{summary['reencoded']} re-encoded"
+        f"{summary['reencoded']} re-encoded, {summary['downscaled']} downscaled "
+        f"(above --max-pixels {args.max_pixels:,} or --max-size)"
     )
+    missing = missing_label_maps(skipped)
+    if missing:
+        print(f"{len(missing)} images have no label map under {args.label_root}, e.g. "
+              + ", ".join(entry["key"] for entry in missing[:5]))
     for entry in skipped[:20]:
         print(f"  left out {entry['key']}: {entry['reason']}")
     if len(skipped) > 20:
         print(f"  ... and {len(skipped) - 20} more")
     print(f"summary: {Path(args.out) / (args.prefix + '-summary.json')}")
-    return 0 if summary["total"] else 1
 
 
 def _preview(args) -> int:
+    from lvvit.data.labelmap import LabelMapError
     from lvvit.data.preview import render_preview
+    from lvvit.data.shards import ShardReadError
 
-    width, height = render_preview(args.shards, args.out, n=args.n, crop=args.crop, tile=args.tile,
-                                   tokens=args.tokens, seed=args.seed)
+    try:
+        width, height = render_preview(args.shards, args.out, n=args.n, crop=args.crop, tile=args.tile,
+                                       tokens=args.tokens, seed=args.seed)
+    except (ShardReadError, LabelMapError, FileNotFoundError, ValueError) as exc:
+        print(f"lvvit-shards: error: {exc}", file=sys.stderr)
+        return 1
     print(f"wrote {args.out} ({width}x{height})")
     return 0
 
 
 def _info(args) -> int:
-    from lvvit.data.labelmap import decode_tlm
+    from lvvit.data.labelmap import LabelMapError
     from lvvit.data.preview import load_class_names
-    from lvvit.data.shards import iter_shard, shard_paths
+    from lvvit.data.shards import ShardReadError, listed_counts, shard_paths
 
-    paths = shard_paths(args.shards)
-    location = Path(args.shards)
-    manifest = (location if location.is_dir() else location.parent) / "manifest.json"
-    total = json.loads(manifest.read_text())["total"] if manifest.is_file() else "?"
+    try:
+        paths = shard_paths(args.shards)
+        listed = listed_counts(args.shards)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        print(f"lvvit-shards: error: {exc}", file=sys.stderr)
+        return 1
+    counts, damaged = _verify_all(paths, listed)
+    print(f"shards: {len(paths)}  samples: {sum(counts)}  classes: {len(load_class_names(args.shards)) or '?'}")
+    for reason in damaged:
+        print(f"damaged: {reason}")
+    if damaged:
+        print(f"lvvit-shards: error: {len(damaged)} of {len(paths)} shards are damaged", file=sys.stderr)
+        return 1
+    try:
+        _describe_first_sample(paths)
+    except (ShardReadError, LabelMapError) as exc:
+        print(f"lvvit-shards: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _verify_all(paths: list[Path], listed: dict[str, int]) -> tuple[list[int], list[str]]:
+    """Sample counts of the readable shards, and why each other one is damaged."""
+    from lvvit.data.shards import ShardReadError, verify_shard
+
+    counts, damaged = [], []
+    for path in paths:
+        try:
+            counts.append(verify_shard(path, listed.get(path.name)))
+        except ShardReadError as exc:
+            damaged.append(str(exc))
+    return counts, damaged
+
+
+def _describe_first_sample(paths: list[Path]) -> None:
+    from lvvit.data.labelmap import decode_tlm
+    from lvvit.data.shards import iter_shard
+
     first = next(iter_shard(paths[0]), None) if paths else None
-    print(f"shards: {len(paths)}  samples: {total}  classes: {len(load_class_names(args.shards)) or '?'}")
     if first is None:
-        return 0
+        return
     print(f"members: {', '.join(sorted(k for k in first if k != '__key__'))}  first key: {first['__key__']}")
     if "tlm" in first:
         m = decode_tlm(first["tlm"], first["__key__"])
         print(f"label map: k={m.shape[0]} H={m.shape[1]} W={m.shape[2]} box={m.box} record={len(first['tlm'])} bytes")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> None:

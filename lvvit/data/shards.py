@@ -3,10 +3,13 @@
 A sample is ``<key>.jpg`` (the original bytes unless re-encoded), ``<key>.cls`` and,
 with ``label_root``, ``<key>.tlm`` (docs/format.md). The order is a seeded shuffle, so
 every shard holds a mix of classes. Samples that cannot be used are reported and left
-out; the run goes on. Each shard is written under a temporary name and renamed once
-complete, and ``<prefix>-summary.json`` records, after every shard, how far the input
-has been consumed, so an interrupted build resumes where it stopped and never leaves a
-tar that looks complete but is not.
+out; the run goes on, but a build that keeps no sample at all fails without writing a
+manifest. Input files are untrusted: every image is decoded here, converted to 8-bit RGB
+by explicit rules (16-bit scaled, alpha composited on white) or refused by mode, and
+downscaled above a pixel cap, so training never meets a surprise. Each shard is written
+under a temporary name and renamed once complete, and ``<prefix>-summary.json``
+records, after every shard, how far the input has been consumed, so an interrupted
+build resumes where it stopped and never leaves a tar that looks complete but is not.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import tarfile
 import threading
 from collections.abc import Iterable, Iterator
@@ -32,11 +36,34 @@ from lvvit.data.labelmap import LabelMap, LabelMapError, centre_square_box, enco
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 JPEG_QUALITY = 95
+DEFAULT_MAX_PIXELS = 40_000_000
+"""Images with more pixels are downscaled to this many: ImageNet's largest photo has
+about 10 MP, and a 144 MP one would cost ~430 MB per decode in every training epoch."""
+ALPHA_BACKGROUND = (255, 255, 255)
+"""Transparent pixels are composited on white: the colour hidden under alpha 0 is arbitrary."""
+CLASS_ORDERS = ("sorted", "natural")
+NO_MAP = "no label map at"
 _TAR_BLOCK = 512
 
 
 class ShardBuildError(RuntimeError):
     """A build that cannot start or go on (not a bad sample: those are reported)."""
+
+
+class EmptyBuildError(ShardBuildError):
+    """Every input was left out: no manifest is written, so the folder never looks finished."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary  # the build report, with every input's reason
+
+
+class ShardReadError(RuntimeError):
+    """A shard that cannot be read to its end (damaged or truncated); the message names the file."""
+
+
+class UnsupportedImage(ValueError):
+    """An image whose pixel mode has no defined conversion to 8-bit RGB."""
 
 
 @dataclass(frozen=True)
@@ -56,8 +83,10 @@ class BuildConfig:
     shard_bytes: int | None = None  # an upper bound on tar bytes per shard instead, when given
     seed: int = 0
     max_size: int | None = None  # re-encode images whose longer side exceeds this
-    label_root: str | None = None  # official TokenLabeling maps: <label_root>/<class>/<stem>.pt
+    max_pixels: int = DEFAULT_MAX_PIXELS  # downscale images with more pixels than this
+    label_root: str | None = None  # official TokenLabeling maps: <label_root>/<class>/<name up to first dot>.pt
     class_names: str | None = None  # "wnid name..." lines (ImageNet's LOC_synset_mapping.txt)
+    class_order: str = "sorted"  # class indices: "sorted" (torchvision) or "natural" (timm, official)
     workers: int = 1
     overwrite: bool = False
 
@@ -79,33 +108,68 @@ class Prepared:
     members: dict[str, bytes] = field(default_factory=dict)
     reason: str | None = None
     reencoded: bool = False
+    downscaled: bool = False
+
+
+@dataclass
+class FolderScan:
+    """What an ImageFolder tree holds: class folders in index order, images, problems."""
+
+    classes: list[str]
+    items: list[SourceImage]
+    duplicates: list[dict]  # key + reason, for the build report
+    empty_classes: list[str]  # class folders with no image: their index gets no samples
 
 
 def sample_key(class_dir: str, stem: str) -> str:
     return f"{class_dir.replace('.', '_')}/{stem.replace('.', '_')}"
 
 
-def scan_image_folder(root: str | Path, label_root: str | Path | None = None):
-    """``root/<class>/<image>`` -> (sorted class dirs, images, duplicate-key reports)."""
+def natural_key(name: str) -> list:
+    """timm's ``natural_key``: digit runs compare as numbers, letters case-insensitively."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name.lower())]
+
+
+def order_classes(names: Iterable[str], order: str = "sorted") -> list[str]:
+    """Class folder names in index order. ``sorted`` is torchvision's ImageFolder order
+    (``1, 10, 2``); ``natural`` is timm's and the official TokenLabeling loader's
+    (``1, 2, 10``). ImageNet's wnids (``n01440764``) get the same order from both."""
+    if order == "sorted":
+        return sorted(names)
+    if order == "natural":
+        return sorted(names, key=lambda name: (natural_key(name), name))
+    raise ShardBuildError(f"class order {order!r} is not one of {', '.join(CLASS_ORDERS)}")
+
+
+def official_map_name(image: Path) -> str:
+    """The official TokenLabeling map of ``a_red_000.v2.jpg`` is ``a_red_000.pt``: its
+    loader names maps by the part of the file name before the first dot."""
+    return f"{image.name.split('.')[0]}.pt"
+
+
+def scan_image_folder(root: str | Path, label_root: str | Path | None = None, class_order: str = "sorted") -> FolderScan:
+    """``root/<class>/<image>``, classes indexed in ``class_order`` (see ``order_classes``)."""
     root = Path(root)
     if not root.is_dir():
         raise ShardBuildError(f"image folder {root} does not exist")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = order_classes((p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), class_order)
     if not classes:
         raise ShardBuildError(f"{root} has no class folders (expected root/<class>/<image>)")
-    items, seen, duplicates = [], {}, []
+    scan = FolderScan(classes, [], [], [])
+    seen = {}
     for label, class_dir in enumerate(classes):
-        for path in sorted((root / class_dir).rglob("*")):
-            if not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
+        images = [p for p in sorted((root / class_dir).rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        if not images:
+            scan.empty_classes.append(class_dir)
+        for path in images:
             key = sample_key(class_dir, path.stem)
             if key in seen:
-                duplicates.append({"key": key, "reason": f"duplicate key: {path} and {seen[key]}"})
+                scan.duplicates.append({"key": key, "reason": f"duplicate key: {path} and {seen[key]}"})
                 continue
             seen[key] = path
-            label_path = str(Path(label_root) / class_dir / f"{path.stem}.pt") if label_root else None
-            items.append(SourceImage(key, str(path), label, label_path))
-    return classes, items, duplicates
+            label_path = str(Path(label_root) / class_dir / official_map_name(path)) if label_root else None
+            scan.items.append(SourceImage(key, str(path), label, label_path))
+    return scan
 
 
 def read_class_names(path: str | Path) -> dict[str, str]:
@@ -133,37 +197,92 @@ def import_official_map(tensor, width: int, height: int, source: str) -> LabelMa
     return LabelMap(values, indices.astype(np.uint16), centre_square_box(width, height))
 
 
+@dataclass(frozen=True)
+class EncodedImage:
+    data: bytes  # JPEG bytes for the shard
+    size: tuple[int, int]  # the original width, height (label-map boxes are relative to it)
+    reencoded: bool
+    downscaled: bool
+
+
 def _jpeg_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
     return buffer.getvalue()
 
 
-def _image_bytes(data: bytes, max_size: int | None) -> tuple[bytes, tuple[int, int], bool]:
-    """Decode fully (so corrupt files are caught here, not in training) and re-encode
-    when the file is not a plain RGB/grey JPEG or is larger than ``max_size``."""
+def _sixteen_bit_to_rgb(image: Image.Image, source: str) -> Image.Image:
+    """I;16* (and I, which PIL uses for some 16-bit files) hold 0..65535: scale by the
+    value range (x / 257), not PIL's convert, which clips everything above 255 to white."""
+    pixels = np.asarray(image).astype(np.int64)
+    if pixels.size and (pixels.min() < 0 or pixels.max() > 0xFFFF):
+        raise UnsupportedImage(f"{source}: image mode {image.mode} with values outside 0..65535 is not supported")
+    return Image.fromarray(np.round(pixels / 257).astype(np.uint8), "L").convert("RGB")
+
+
+def _composite(image: Image.Image) -> Image.Image:
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def to_rgb(image: Image.Image, source: str) -> Image.Image:
+    """8-bit RGB by explicit rules per mode; modes without a defined meaning (float,
+    LAB, HSV, ...) raise ``UnsupportedImage`` naming ``source`` and the mode."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("L", "1", "CMYK", "YCbCr") or (mode == "P" and "transparency" not in image.info):
+        return image.convert("RGB")  # CMYK: PIL undoes Adobe's inverted CMYK when reading
+    if mode in ("LA", "La", "PA", "P", "RGBA", "RGBa"):
+        return _composite(image)
+    if mode == "I" or mode.startswith("I;16"):
+        return _sixteen_bit_to_rgb(image, source)
+    raise UnsupportedImage(f"{source}: image mode {mode} is not supported (no defined conversion to 8-bit RGB)")
+
+
+def _target_size(size: tuple[int, int], max_size: int | None, max_pixels: int) -> tuple[int, int] | None:
+    """The size to scale down to (aspect kept) or None when the image is within both limits."""
+    width, height = size
+    scale = min(1.0, (max_pixels / (width * height)) ** 0.5)
+    if max_size is not None:
+        scale = min(scale, max_size / max(width, height))
+    if scale >= 1.0:
+        return None
+    return max(1, int(width * scale)), max(1, int(height * scale))
+
+
+def encode_image(data: bytes, source: str, max_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> EncodedImage:
+    """Decode fully (so corrupt files are caught here, not in training); keep the bytes
+    of an RGB/grey JPEG within the limits, else convert to RGB, downscale and re-encode."""
     with Image.open(io.BytesIO(data)) as image:
-        image.load()
         size = image.size
-        too_big = max_size is not None and max(size) > max_size
-        if image.format == "JPEG" and image.mode in ("RGB", "L") and not too_big:
-            return data, size, False
-        if too_big:
-            image.thumbnail((max_size, max_size), Image.Resampling.LANCZOS)
-        return _jpeg_bytes(image), size, True
+        target = _target_size(size, max_size, max_pixels)
+        if target is not None and image.format == "JPEG":
+            image.draft(None, target)  # decode at 1/2, 1/4 or 1/8 scale when that is still large enough
+        image.load()
+        if target is None and image.format == "JPEG" and image.mode in ("RGB", "L"):
+            return EncodedImage(data, size, reencoded=False, downscaled=False)
+        rgb = to_rgb(image, source)
+        if target is not None:
+            rgb = rgb.resize(target, Image.Resampling.LANCZOS)
+        return EncodedImage(_jpeg_bytes(rgb), size, reencoded=True, downscaled=target is not None)
 
 
-def prepare_sample(item: SourceImage, max_size: int | None = None) -> Prepared:
+def prepare_sample(item: SourceImage, max_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Prepared:
     """Read, check and encode one image (and its map); never raises for bad input."""
     try:
         data = Path(item.path).read_bytes()
-        jpg, (width, height), reencoded = _image_bytes(data, max_size)
+        encoded = encode_image(data, item.path, max_size, max_pixels)
+    except UnsupportedImage as exc:
+        return Prepared(item.key, reason=str(exc))
     except Exception as exc:  # PIL raises many types for damaged files
         return Prepared(item.key, reason=f"cannot decode image {item.path}: {exc}")
-    members = {"jpg": jpg, "cls": str(item.label).encode()}
+    width, height = encoded.size
+    members = {"jpg": encoded.data, "cls": str(item.label).encode()}
     if item.label_path is not None:
         if not os.path.isfile(item.label_path):
-            return Prepared(item.key, reason=f"no label map at {item.label_path}")
+            return Prepared(item.key, reason=f"{NO_MAP} {item.label_path}")
         try:
             import torch
 
@@ -174,7 +293,12 @@ def prepare_sample(item: SourceImage, max_size: int | None = None) -> Prepared:
             members["tlm"] = encode_tlm(label_map, item.key)
         except Exception as exc:
             return Prepared(item.key, reason=f"bad label map {item.label_path}: {exc}")
-    return Prepared(item.key, members, reencoded=reencoded)
+    return Prepared(item.key, members, reencoded=encoded.reencoded, downscaled=encoded.downscaled)
+
+
+def missing_label_maps(skipped: list[dict]) -> list[dict]:
+    """The skipped inputs that were left out because their label map does not exist."""
+    return [entry for entry in skipped if entry["reason"].startswith(NO_MAP)]
 
 
 class _ShardFile:
@@ -219,12 +343,12 @@ def _sample_bytes(prepared: Prepared) -> int:
     return sum(_TAR_BLOCK + -(-len(d) // _TAR_BLOCK) * _TAR_BLOCK for d in prepared.members.values())
 
 
-def _prepare_all(items: list[SourceImage], max_size: int | None, workers: int) -> Iterator[Prepared]:
+def _prepare_all(items: list[SourceImage], max_size: int | None, max_pixels: int, workers: int) -> Iterator[Prepared]:
     """Prepared samples in input order. With workers, at most ``64 * workers`` are in
     flight: ``Pool.imap`` alone would read ahead without bound when writing is slower
     than decoding (network storage), holding every finished sample in memory."""
     if workers <= 1:
-        yield from (prepare_sample(item, max_size) for item in items)
+        yield from (prepare_sample(item, max_size, max_pixels) for item in items)
         return
     slots, stop = threading.Semaphore(64 * workers), threading.Event()
 
@@ -237,7 +361,7 @@ def _prepare_all(items: list[SourceImage], max_size: int | None, workers: int) -
 
     with multiprocessing.get_context().Pool(workers) as pool:
         try:
-            for prepared in pool.imap(partial(prepare_sample, max_size=max_size), feed(), chunksize=4):
+            for prepared in pool.imap(partial(prepare_sample, max_size=max_size, max_pixels=max_pixels), feed(), chunksize=4):
                 slots.release()
                 yield prepared
         finally:
@@ -258,6 +382,7 @@ class _Progress:
             "shards": [],  # name, samples, consumed (inputs used up to and including this shard)
             "skipped": [],
             "reencoded": 0,
+            "downscaled": 0,
         }
 
     def resume_from(self, previous: dict, out: Path) -> None:
@@ -268,21 +393,25 @@ class _Progress:
             self.state["shards"].append(entry)
             self.state["skipped"].extend(entry.get("skipped", []))
             self.state["reencoded"] += entry.get("reencoded", 0)
+            self.state["downscaled"] += entry.get("downscaled", 0)
 
     @property
     def consumed(self) -> int:
         return self.state["shards"][-1]["consumed"] if self.state["shards"] else 0
 
-    def add_shard(self, name: str, samples: int, consumed: int, skipped: list, reencoded: int) -> None:
+    def add_shard(self, name: str, samples: int, consumed: int, skipped: list, reencoded: int, downscaled: int) -> None:
         self.state["shards"].append(
-            {"name": name, "samples": samples, "consumed": consumed, "skipped": skipped, "reencoded": reencoded}
+            {"name": name, "samples": samples, "consumed": consumed, "skipped": skipped, "reencoded": reencoded,
+             "downscaled": downscaled}
         )
         self.state["skipped"].extend(skipped)
         self.state["reencoded"] += reencoded
+        self.state["downscaled"] += downscaled
         self.save()
 
     def save(self) -> None:
         self.state["total"] = sum(s["samples"] for s in self.state["shards"])
+        self.state["missing_label_maps"] = len(missing_label_maps(self.state["skipped"]))
         atomic.write_json(self.path, self.state)
 
 
@@ -304,12 +433,13 @@ def _check_out_dir(out: Path, prefix: str, summary_path: Path, fingerprint: str,
         )
     for path in existing:
         path.unlink()
-    for name in (summary_path.name, "manifest.json"):
+    for name in (summary_path.name, "manifest.json", "classes.json"):
         (out / name).unlink(missing_ok=True)
     return {}
 
 
-def _classes_json(classes: list[str], class_names: str | None) -> list[dict]:
+def classes_json(classes: list[str], class_names: str | Path | None) -> list[dict]:
+    """``classes.json``: index, readable name (from ``class_names`` when given) and folder name."""
     names = read_class_names(class_names) if class_names else {}
     return [{"index": i, "name": names.get(c, c), "wnid": c} for i, c in enumerate(classes)]
 
@@ -322,6 +452,8 @@ def build_shards(config: BuildConfig, progress: bool = True) -> dict:
         raise ShardBuildError("give shard_size (samples) or shard_bytes")
     if (config.shard_size or 1) < 1 or (config.shard_bytes or tarfile.RECORDSIZE) < tarfile.RECORDSIZE:
         raise ShardBuildError(f"shard size too small (at least 1 sample or {tarfile.RECORDSIZE} bytes)")
+    if config.max_pixels < 1:
+        raise ShardBuildError(f"max_pixels (--max-pixels) must be at least 1, got {config.max_pixels}")
     if config.label_root and not Path(config.label_root).is_dir():
         raise ShardBuildError(f"label root {config.label_root} does not exist")
     config = replace(
@@ -329,27 +461,38 @@ def build_shards(config: BuildConfig, progress: bool = True) -> dict:
         root=str(Path(config.root).resolve()),
         label_root=str(Path(config.label_root).resolve()) if config.label_root else None,
     )
+    scan = scan_image_folder(config.root, config.label_root, config.class_order)
+    if not scan.items:
+        raise ShardBuildError(f"no images under {config.root} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    classes, items, duplicates = scan_image_folder(config.root, config.label_root)
-    order = np.random.default_rng(config.seed).permutation(len(items))
-    items = [items[i] for i in order]
+    order = np.random.default_rng(config.seed).permutation(len(scan.items))
+    items = [scan.items[i] for i in order]
     fingerprint = config.fingerprint(items)
     summary_path = out / f"{config.prefix}-summary.json"
     previous = _check_out_dir(out, config.prefix, summary_path, fingerprint, config.overwrite)
 
     state = _Progress(summary_path, fingerprint, config, len(items))
-    state.state["skipped"].extend(duplicates)
+    state.state["skipped"].extend(scan.duplicates)
+    state.state["empty_classes"] = scan.empty_classes
     state.resume_from(previous, out)
     resumed_shards, start = len(state.state["shards"]), state.consumed
     if previous.get("complete") and start == len(items):
         state.state["complete"] = True
     else:
         _write_shards(config, items, state, start, progress)
-    atomic.write_json(out / "classes.json", _classes_json(classes, config.class_names))
+    state.save()
+    if state.state["total"] == 0:
+        raise EmptyBuildError(
+            f"every one of the {len(items)} images under {config.root} was left out, so no manifest "
+            f"was written; see {summary_path}",
+            state.state,
+        )
+    atomic.write_json(out / "classes.json", classes_json(scan.classes, config.class_names))
     manifest = {
         "shards": [{"name": s["name"], "samples": s["samples"]} for s in state.state["shards"]],
-        "total": sum(s["samples"] for s in state.state["shards"]),
+        "total": state.state["total"],
+        "class_order": config.class_order,
     }
     atomic.write_json(out / "manifest.json", manifest)
     state.state["complete"] = True
@@ -361,18 +504,18 @@ def build_shards(config: BuildConfig, progress: bool = True) -> dict:
 def _write_shards(config: BuildConfig, items: list[SourceImage], state: _Progress, start: int, progress: bool) -> None:
     out = Path(config.out)
     index = len(state.state["shards"])
-    shard, skipped, reencoded = None, [], 0
+    shard, skipped, reencoded, downscaled = None, [], 0, 0
     bar = tqdm(total=len(items), initial=start, unit="img", desc=f"{config.prefix} shards", disable=not progress)
 
     def finish(consumed: int) -> None:
-        nonlocal shard, skipped, reencoded, index
+        nonlocal shard, skipped, reencoded, downscaled, index
         shard.close()
-        state.add_shard(shard.path.name, shard.samples, consumed, skipped, reencoded)
-        shard, skipped, reencoded, index = None, [], 0, index + 1
+        state.add_shard(shard.path.name, shard.samples, consumed, skipped, reencoded, downscaled)
+        shard, skipped, reencoded, downscaled, index = None, [], 0, 0, index + 1
         bar.set_postfix(shards=index, skipped=len(state.state["skipped"]))
 
     try:
-        for position, prepared in enumerate(_prepare_all(items[start:], config.max_size, config.workers), start):
+        for position, prepared in enumerate(_prepare_all(items[start:], config.max_size, config.max_pixels, config.workers), start):
             bar.update()
             if prepared.reason is not None:
                 skipped.append({"key": prepared.key, "reason": prepared.reason})
@@ -384,6 +527,7 @@ def _write_shards(config: BuildConfig, items: list[SourceImage], state: _Progres
                 shard = _ShardFile(out / shard_name(config.prefix, index))
             shard.add(prepared)
             reencoded += prepared.reencoded
+            downscaled += prepared.downscaled
             if config.shard_size and shard.samples == config.shard_size:
                 finish(position + 1)
         if shard is not None:
@@ -405,13 +549,29 @@ def _write_shards(config: BuildConfig, items: list[SourceImage], state: _Progres
         bar.close()
 
 
+def check_tar_end(path: str | Path, offset: int) -> None:
+    """A tar cut at a member boundary reads as a shorter valid archive; only the missing
+    end-of-archive block (zeros) after the last member tells, so look for it."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        if f.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
+            raise tarfile.ReadError(f"no end-of-archive block at byte {offset}: the file is truncated")
+
+
 def iter_shard(path: str | Path) -> Iterator[dict]:
     """Samples of one shard as WebDataset-style dicts (``__key__`` plus one bytes value
-    per extension), in file order."""
+    per extension), in file order; a damaged or truncated tar raises ``ShardReadError``."""
+    try:
+        yield from _iter_shard(path)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise ShardReadError(f"cannot read shard {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _iter_shard(path: str | Path) -> Iterator[dict]:
     from webdataset.tariterators import base_plus_ext
 
     sample: dict | None = None
-    with tarfile.open(path, "r") as tar:
+    with tarfile.open(path, "r:") as tar:
         for info in tar:
             if not info.isfile():
                 continue
@@ -422,8 +582,25 @@ def iter_shard(path: str | Path) -> Iterator[dict]:
             if sample is None:
                 sample = {"__key__": key}
             sample[ext] = tar.extractfile(info).read()
+        end = tar.offset
+    check_tar_end(path, end)
     if sample is not None:
         yield sample
+
+
+def count_shard_samples(path: str | Path) -> int:
+    """Samples in a tar, walking every header to the end-of-archive block (data is skipped,
+    so this is fast); a truncated or damaged tar raises ``ShardReadError``."""
+    from webdataset.tariterators import base_plus_ext
+
+    try:
+        with tarfile.open(path, "r:") as tar:
+            keys = {base_plus_ext(m.name)[0] for m in tar if m.isfile()} - {None}
+            end = tar.offset
+        check_tar_end(path, end)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise ShardReadError(f"cannot read shard {path}: {type(exc).__name__}: {exc}") from exc
+    return len(keys)
 
 
 def iter_shards(paths: Iterable[str | Path]) -> Iterator[dict]:
@@ -446,3 +623,26 @@ def shard_paths(location: str | Path) -> list[Path]:
     if not location.is_file():
         raise FileNotFoundError(f"shard {location} does not exist")
     return [location]
+
+
+def listed_counts(location: str | Path) -> dict[str, int]:
+    """Sample count per shard name from the ``manifest.json`` that covers ``location`` (a
+    folder, the manifest itself, or a tar beside one); {} when there is none."""
+    location = Path(location)
+    manifest = location / "manifest.json" if location.is_dir() else location
+    if manifest.suffix != ".json":
+        manifest = location.parent / "manifest.json"
+    if not manifest.is_file():
+        return {}
+    return {entry["name"]: entry["samples"] for entry in json.loads(manifest.read_text())["shards"]}
+
+
+def verify_shard(path: Path, expected: int | None = None) -> int:
+    """The sample count of a shard read to its end; raises ``ShardReadError`` naming the
+    file when it is missing, truncated, damaged or holds other than ``expected`` samples."""
+    if not path.is_file():
+        raise ShardReadError(f"shard {path} does not exist")
+    count = count_shard_samples(path)
+    if expected is not None and count != expected:
+        raise ShardReadError(f"shard {path} holds {count} samples, manifest.json says {expected}")
+    return count

@@ -26,9 +26,11 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lvvit import atomic
+from lvvit.data.cli import add_class_order
+from lvvit.data.shards import count_shard_samples
 from lvvit.labeling.labeler import PRECISIONS, Labeler, ShardResult
 from lvvit.labeling.sources import Plan, ShardJob, is_shard_folder, plan_image_folder, plan_shards
-from lvvit.labeling.tarsamples import ShardReadError, count_tar_samples
+from lvvit.labeling.tarsamples import ShardReadError
 from lvvit.labeling.teacher import TEACHERS, build_teacher
 
 log = logging.getLogger("lvvit.label")
@@ -73,7 +75,7 @@ def labeling_settings(args: argparse.Namespace) -> dict:
         "crop_pct": args.crop_pct,
         "topk": args.topk,
         "precision": args.precision,
-        "imagefolder": {k: getattr(args, k) for k in ("prefix", "shard_size", "seed", "max_size")},
+        "imagefolder": {k: getattr(args, k) for k in ("prefix", "shard_size", "seed", "max_size", "class_order")},
     }
 
 
@@ -99,7 +101,7 @@ def record_settings(out: Path, settings: dict) -> None:
 
 def write_manifest(out_dir: Path, jobs: list[ShardJob]) -> None:
     """Sample counts of the finished output (skipped images change them), as in the contract."""
-    shards = [{"name": job.name, "samples": count_tar_samples(out_dir / job.name)} for job in jobs]
+    shards = [{"name": job.name, "samples": count_shard_samples(out_dir / job.name)} for job in jobs]
     manifest = {"shards": shards, "total": sum(s["samples"] for s in shards)}
     atomic.write_json(out_dir / "manifest.json", manifest)
 
@@ -160,6 +162,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     folder.add_argument("--seed", type=int, default=0, help="shuffle seed of the sample order")
     folder.add_argument("--max-size", type=int, help="re-encode images whose longer side exceeds this")
     folder.add_argument("--class-names", type=Path, help="'wnid name' lines (LOC_synset_mapping.txt)")
+    add_class_order(folder)
     run = p.add_argument_group("execution")
     run.add_argument("--device", default="cpu", help="cpu or cuda (each rank uses cuda:LOCAL_RANK)")
     run.add_argument("--batch-size", type=int, default=64, help="images per teacher forward")
@@ -176,7 +179,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if is_shard_folder(args.input):
         return plan_shards(args.input)
     return plan_image_folder(
-        args.input, args.prefix, args.shard_size, args.seed, args.max_size, args.class_names, args.workers
+        args.input, args.prefix, args.shard_size, args.seed, args.max_size, args.class_names, args.workers,
+        args.class_order,
     )
 
 

@@ -7,6 +7,7 @@ index alone, with no communication.
 from __future__ import annotations
 
 import json
+import logging
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,13 +20,15 @@ import numpy as np
 from lvvit.data.shards import (
     Prepared,
     SourceImage,
+    classes_json,
     prepare_sample,
-    read_class_names,
     scan_image_folder,
     shard_name,
     shard_paths,
 )
 from lvvit.labeling.tarsamples import TarSample, iter_tar_samples
+
+log = logging.getLogger(__name__)
 
 READ_AHEAD = 64
 """Image files read (and checked) ahead of the labeler when the input is an ImageFolder."""
@@ -74,11 +77,15 @@ def plan_image_folder(
     max_size: int | None,
     class_names: Path | None,
     workers: int = 1,
+    class_order: str = "sorted",
 ) -> Plan:
-    """Shards of ``shard_size`` inputs in the seeded order ``lvvit-shards`` uses; images
-    that cannot be read are skipped inside their shard, so shard boundaries stay fixed."""
-    classes, items, duplicates = scan_image_folder(root)
-    items = [items[i] for i in np.random.default_rng(seed).permutation(len(items))]
+    """Shards of ``shard_size`` inputs in the seeded order and class indices ``lvvit-shards``
+    uses; images that cannot be read are skipped inside their shard, so shard boundaries
+    stay fixed."""
+    scan = scan_image_folder(root, class_order=class_order)
+    for name in scan.empty_classes:
+        log.warning("class folder %s has no images; its class gets no samples", root / name)
+    items = [scan.items[i] for i in np.random.default_rng(seed).permutation(len(scan.items))]
     jobs = [
         ShardJob(
             shard_name(prefix, i),
@@ -87,9 +94,8 @@ def plan_image_folder(
         )
         for i, start in enumerate(range(0, len(items), shard_size))
     ]
-    names = read_class_names(class_names) if class_names else {}
-    classes_json = [{"index": i, "name": names.get(c, c), "wnid": c} for i, c in enumerate(classes)]
-    return Plan(jobs, (json.dumps(classes_json, indent=1) + "\n").encode(), duplicates)
+    classes = classes_json(scan.classes, class_names)
+    return Plan(jobs, (json.dumps(classes, indent=1) + "\n").encode(), scan.duplicates)
 
 
 def folder_samples(items: list[SourceImage], max_size: int | None, workers: int = 1) -> Iterator[TarSample]:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from webdataset.tariterators import base_plus_ext
 
+from lvvit.data.shards import ShardReadError, check_tar_end
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -37,10 +39,6 @@ class TarSample:
                 if base_plus_ext(info.name)[1] == ext:
                     return data
         raise KeyError(f"no image member ({'/'.join(IMAGE_EXTENSIONS)}) in sample")
-
-
-class ShardReadError(RuntimeError):
-    """An input shard that cannot be read to its end; the message names the file."""
 
 
 def iter_tar_samples(path: str | Path) -> Iterator[TarSample]:
@@ -69,24 +67,9 @@ def _iter_tar_samples(path: str | Path) -> Iterator[TarSample]:
                 current = TarSample(key, [])
             current.members.append((info, data))
         end = tar.offset
-    _check_end_marker(path, end)
+    check_tar_end(path, end)
     if current is not None:
         yield current
-
-
-def _check_end_marker(path: str | Path, offset: int) -> None:
-    """A tar cut at a member boundary reads as a shorter valid archive; only the missing
-    end-of-archive block (zeros) tells, so look for it."""
-    with open(path, "rb") as f:
-        f.seek(offset)
-        if f.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
-            raise tarfile.ReadError(f"no end-of-archive block at byte {offset}: the file is truncated")
-
-
-def count_tar_samples(path: str | Path) -> int:
-    """Number of samples in a tar (reads headers only)."""
-    with tarfile.open(path, "r") as tar:
-        return len({base_plus_ext(m.name)[0] for m in tar.getmembers() if m.isfile()} - {None})
 
 
 def add_member(tar: tarfile.TarFile, info: tarfile.TarInfo, data: bytes) -> None:
