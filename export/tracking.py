@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lvvit.train.tracking import bound_http_requests
+
 from .errors import ExportError
 
 RUN_FILE = "mlflow_run.json"
@@ -50,6 +52,7 @@ def log_export(
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
+    bound_http_requests()
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     info = json.loads((export_dir / "model.json").read_text())
@@ -59,33 +62,34 @@ def log_export(
         outputs=Schema([TensorSpec(np.dtype("float32"), (-1, info["num_classes"]), info["output_name"])]),
     )
     example = np.zeros((1, 3, s, s), dtype=dtype)
+    client = mlflow.tracking.MlflowClient()
     try:
-        client = mlflow.tracking.MlflowClient()
-        status = client.get_run(run_id).info.status
+        run = client.get_run(run_id)
     except Exception as err:  # MlflowException, connection errors
         raise ExportError(f"MLflow run {run_id!r} not found at {mlflow.get_tracking_uri()}: "
                           f"{str(err).splitlines()[0][:200]}") from err
+    # the logged model belongs to the run's experiment; no start_run/end_run, so the run's
+    # status and end time stay what training left
+    mlflow.set_experiment(experiment_id=run.info.experiment_id)
     try:
-        with mlflow.start_run(run_id=run_id):
-            model_info = mlflow.onnx.log_model(
-                onnx.load_model(export_dir / "model.onnx"),
-                name="onnx_model",
-                signature=signature,
-                input_example={info["input_name"]: example},
-                registered_model_name=register_name or None,
-                save_as_external_data=False,
-                # stated, not inferred: inference imports the model in a subprocess (slow, and
-                # it would list everything this process happens to have loaded)
-                pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"],
-                metadata={k: info[k] for k in ("model", "img_size", "num_classes", "precision",
-                                                 "input_dtype", "mean", "std", "crop_pct")},
-                extra_files=[str(export_dir / "labels.txt"), str(export_dir / "model.json")],
-            )
-            for name in ("parity.json", "model.json", "labels.txt"):
-                mlflow.log_artifact(str(export_dir / name), artifact_path="export")
-        if status != "FINISHED":  # leaving the run marks it FINISHED; a live run stays RUNNING
-            client.update_run(run_id, status=status)
-    except mlflow.exceptions.MlflowException as err:
+        model_info = mlflow.onnx.log_model(
+            onnx.load_model(export_dir / "model.onnx"),
+            name="onnx_model",
+            run_id=run_id,
+            signature=signature,
+            input_example={info["input_name"]: example},
+            registered_model_name=register_name or None,
+            save_as_external_data=False,
+            # stated, not inferred: inference imports the model in a subprocess (slow, and
+            # it would list everything this process happens to have loaded)
+            pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"],
+            metadata={k: info[k] for k in ("model", "img_size", "num_classes", "precision",
+                                             "input_dtype", "mean", "std", "crop_pct")},
+            extra_files=[str(export_dir / "labels.txt"), str(export_dir / "model.json")],
+        )
+        for name in ("parity.json", "model.json", "labels.txt"):
+            client.log_artifact(run_id, str(export_dir / name), artifact_path="export")
+    except Exception as err:  # MlflowException, connection errors (bounded by bound_http_requests)
         raise ExportError(f"MLflow logging to run {run_id!r} failed: {str(err).splitlines()[0][:300]}") from err
     return model_info.model_uri
 

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 
 from lvvit.models import create_model
-from lvvit.train.config import parse_args, peak_lr, resolve_batch, resolve_ds_config
+from lvvit.train.config import (
+    check_ds_config,
+    deepspeed_schema,
+    load_ds_config,
+    parse_args,
+    peak_lr,
+    prepare,
+    resolve_batch,
+    resolve_ds_config,
+)
 from lvvit.train.loop import param_groups
 from lvvit.train.schedule import WarmupCosineSchedule
 
@@ -24,7 +35,7 @@ def test_yaml_under_command_line(tmp_path):
 def test_yaml_unknown_key_names_it(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("epochz: 3\n")
-    with pytest.raises(SystemExit, match="unknown option 'epochz'"):
+    with pytest.raises(SystemExit, match="unknown option 'epochz' \\(did you mean 'epochs'\\?\\)"):
         parse_args(["--config", str(cfg), "--train-shards", "x"])
 
 
@@ -86,3 +97,108 @@ def test_eval_only_needs_no_train_shards():
     assert args.eval_only and args.resume == "step00000008" and args.train_shards is None
     with pytest.raises(SystemExit):
         parse_args(["--eval-shards", "v"])  # training still needs them
+
+
+REPO_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "ds_configs").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", REPO_CONFIGS, ids=lambda p: p.name)
+def test_shipped_deepspeed_configs_pass(path):
+    assert load_ds_config(path) == json.loads(path.read_text())
+
+
+def test_known_keys_come_from_deepspeed():
+    schema = deepspeed_schema()
+    # recorded from DeepSpeed's parser, not listed by us
+    assert {"train_batch_size", "gradient_clipping", "flops_profiler", "autotuning", "steps_per_print"} <= set(schema)
+    # pydantic field names and their aliases, nested offload models included
+    zero = schema["zero_optimization"]
+    assert {"stage", "prefetch_bucket_size", "stage3_prefetch_bucket_size"} <= set(zero)
+    assert "pin_memory" in zero["offload_optimizer"]
+    assert "zero_optimisation" not in schema
+
+
+@pytest.mark.parametrize(("cfg", "message"), [
+    ({"zero_optimisation": {"stage": 2}}, "unknown key 'zero_optimisation' (did you mean 'zero_optimization'?)"),
+    ({"zero_optimization": {"stage": 2, "overlap_com": True}},
+     "unknown key 'zero_optimization.overlap_com' (did you mean 'zero_optimization.overlap_comm'?)"),
+    ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memry": True}}},
+     "unknown key 'zero_optimization.offload_optimizer.pin_memry' (did you mean "
+     "'zero_optimization.offload_optimizer.pin_memory'?)"),
+    ({"optimizer": {"type": "AdamW", "params": {"torch_adam": True, "beta": [0.9, 0.99]}}},
+     "unknown key 'optimizer.params.beta' (did you mean 'optimizer.params.betas'?)"),
+    ({"optimizer": {"type": "AdamW", "parms": {}}}, "unknown key 'optimizer.parms' (did you mean 'optimizer.params'?)"),
+    ({"fp16": {"enabled": True, "loss_scal": 0}}, "unknown key 'fp16.loss_scal' (did you mean 'fp16.loss_scale'?)"),
+    ({"bf16": {"enabeld": True}}, "unknown key 'bf16.enabeld' (did you mean 'bf16.enabled'?)"),
+    ({"data_types": {"bufer_dtype": "bf16"}}, "unknown key 'data_types.bufer_dtype'"),
+    ({"zero_optimization": {"stage": 7}}, "zero_optimization.stage: Input should be"),
+    ({"zero_optimization": True}, "'zero_optimization' must be a JSON object"),
+    ({"gradient_clipping": -1.0}, "gradient_clipping -1.0 is not a number >= 0"),
+    ({"bf16": {"enabled": True}, "zero_optimization": {"stage": 0}}, "bf16 needs zero_optimization.stage >= 1"),
+])
+def test_deepspeed_config_refused_naming_the_key(cfg, message, tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(SystemExit) as e:
+        load_ds_config(path)
+    text = str(e.value)
+    assert text.startswith(f"--deepspeed_config {path}: ") and message in text and "\n" not in text
+
+
+def test_deepspeed_config_duplicate_key_refused(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text('{"zero_optimization": {"stage": 2}, "zero_optimization": {"stage": 0}}')
+    with pytest.raises(SystemExit, match="key 'zero_optimization' appears twice"):
+        load_ds_config(path)
+
+
+def test_clip_grad_from_command_line_checked_too():
+    args = parse_args(["--train-shards", "x", "--clip-grad", "-1"])
+    plan = resolve_batch(args, {}, 1)
+    with pytest.raises(SystemExit, match=r"gradient_clipping -1\.0"):
+        check_ds_config(resolve_ds_config(args, {}, plan, 1e-3))
+
+
+@pytest.mark.parametrize(("cli", "ds", "world", "message"), [
+    ([], {"train_batch_size": 31, "gradient_accumulation_steps": 1}, 2,
+     "train_batch_size 31 is not divisible by grad accum 1 x 2 rank(s) (31 / 2 = 15.5)"),
+    ([], {"train_batch_size": 31}, 2, "train_batch_size 31 is not divisible by grad accum 1 x 2 rank(s)"),
+    (["--micro-batch", "8"], {"train_batch_size": 36}, 2,
+     "train_batch_size 36 is not divisible by micro batch 8 x 2 rank(s) (36 / 16 = 2.25)"),
+    (["--micro-batch", "8"], {"train_batch_size": 8}, 2, "train_batch_size 8 is not divisible by micro batch 8 x 2"),
+    (["--micro-batch", "8", "--grad-accum", "2"], {"train_batch_size": 64}, 2,
+     "train_batch_size 64 != micro batch 8 (command line) x grad accum 2 (command line) x 2 rank(s) = 32"),
+    ([], {"train_micro_batch_size_per_gpu": 0}, 1, "train_micro_batch_size_per_gpu: 0 is not a positive integer"),
+    (["--grad-accum", "0"], {}, 1, "--grad-accum: 0 is not a positive integer"),
+])
+def test_batch_sizes_that_do_not_divide_are_refused(cli, ds, world, message):
+    args = parse_args(["--train-shards", "x", *cli])
+    with pytest.raises(SystemExit) as e:
+        resolve_batch(args, ds, world, origin="ds.json")
+    assert message in str(e.value)
+
+
+def test_train_batch_size_alone_sets_the_micro_batch():
+    plan = resolve_batch(parse_args(["--train-shards", "x"]), {"train_batch_size": 64}, 2)
+    assert (plan.micro_batch, plan.grad_accum, plan.global_batch) == (32, 1, 64)
+    assert plan.sources == {"micro_batch": "deepspeed config train_batch_size", "grad_accum": "default"}
+
+
+def shard_folder(tmp_path: Path, total: int) -> Path:
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"shards": [{"name": "a.tar", "samples": total}],
+                                                      "total": total}))
+    return folder
+
+
+def test_prepare_refuses_a_micro_batch_larger_than_the_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    folder = shard_folder(tmp_path, 12)
+    base = ["--train-shards", str(folder), "--deepspeed_config", str(REPO_CONFIGS[0].parent / "cpu.json")]
+    with pytest.raises(SystemExit) as e:
+        prepare(parse_args([*base, "--micro-batch", "8", "--steps-per-epoch", "5"]), 2)
+    assert str(e.value) == (f"{folder / 'manifest.json'}: 12 samples over 2 rank(s) are 6 per rank, fewer than one "
+                            "micro batch of 8 (command line); lower --micro-batch")
+    run = prepare(parse_args([*base, "--micro-batch", "6"]), 2)
+    assert (run.plan.global_batch, run.steps_per_epoch, run.ds_config["train_batch_size"]) == (12, 1, 12)

@@ -3,7 +3,8 @@
 Files are read with ``torch.load(weights_only=True)``: a checkpoint is data, and
 unpickling arbitrary objects from it would run code chosen by whoever wrote it. The
 only non-tensor type allowed is ``argparse.Namespace``, which the official (timm-style)
-files carry as ``args``.
+files carry as ``args``. ``load_data`` and ``check_data`` are the one place that decides
+how any checkpoint file of the stack is read (DeepSpeed's files pass their own allowlist).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import math
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -50,7 +51,7 @@ def read_state_dict(path: str | Path, use_ema: bool = False) -> dict[str, torch.
     ``module.`` are removed so the names are those of the bare model.
     """
     path = Path(path)
-    obj = _load(path)
+    obj = load_data(path)
     if not isinstance(obj, Mapping):
         raise CheckpointError(
             f"{path}: expected a state dict or a checkpoint dict, found a {type(obj).__name__}"
@@ -134,24 +135,51 @@ def _adapt_pos_embed(state: dict[str, torch.Tensor], target: torch.Tensor, path:
     _logger.info("%s: resized pos_embed from %s to %s", path, tuple(pos.shape), tuple(target.shape))
 
 
-def _load(path: Path) -> object:
+def load_data(path: Path, allowed: Sequence[type] = tuple(SAFE_GLOBALS)) -> object:
+    """``torch.load`` of ``path`` as data: tensors, plain Python values and the ``allowed``
+    types only; anything else is refused before it is built, with a ``CheckpointError``
+    naming the file and the refused global."""
+    path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist (expected a .pth/.pth.tar/.pt file)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} is not a file (expected a .pth/.pth.tar/.pt file)")
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
+        with torch.serialization.safe_globals(list(allowed)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         if refused:
-            raise CheckpointError(
-                f"{path}: refusing to unpickle {refused.group(1)}; a checkpoint may hold only "
-                "tensors, plain Python values and argparse.Namespace"
-            ) from err
+            raise _refused(path, refused.group(1), allowed) from err
         raise _unreadable(path, err) from err
     except Exception as err:  # torch.load reports corrupt input with many exception types
         raise _unreadable(path, err) from err
+
+
+def check_data(path: Path, allowed: Sequence[type]) -> None:
+    """Refuse ``path`` unless ``load_data(path, allowed)`` would accept it, without loading
+    its tensors: for files that another library (DeepSpeed) loads itself, so a refusal
+    names the file. Reads only the pickle of a zip-format file; a legacy-format file is
+    loaded as data and dropped."""
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            refused = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except ValueError:  # not zip format: legacy torch.save or no checkpoint at all
+        load_data(path, allowed)
+        return
+    except Exception as err:  # a truncated or foreign zip
+        raise _unreadable(path, err) from err
+    if refused:
+        raise _refused(path, sorted(refused)[0], allowed)
+
+
+def _refused(path: Path, name: str, allowed: Sequence[type]) -> CheckpointError:
+    types = "".join(f", {t.__module__}.{t.__qualname__}" for t in allowed)
+    return CheckpointError(
+        f"{path}: refusing to unpickle {name}; a checkpoint may hold only tensors, plain "
+        f"Python values{types}"
+    )
 
 
 def _unreadable(path: Path, err: Exception) -> CheckpointError:

@@ -9,9 +9,12 @@ logs which source each value came from.
 from __future__ import annotations
 
 import argparse
+import difflib
+import functools
 import json
 import math
 import os
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--experiment", default="lvvit", help="MLflow experiment")
     g.add_argument("--run-name", default=None, help="MLflow run name (default: model-imgsize)")
     g.add_argument("--no-mlflow", dest="mlflow", action="store_false", help="no MLflow tracking")
+    g.add_argument("--strict-tracking", action="store_true",
+                   help="exit before training when the MLflow server does not answer (default: warn, "
+                   "keep records in OUTPUT/mlflow-spool.jsonl and send them when it answers)")
     g.add_argument("--no-system-metrics", dest="system_metrics", action="store_false")
     g.add_argument("--log-every", type=int, default=10, help="per-step metrics every N steps")
     return p
@@ -123,15 +129,17 @@ def _yaml_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
-        raise SystemExit(f"--config {path}: {e}") from e
+        raise SystemExit(f"--config {path}: {' '.join(str(e).split())}") from e
     if not isinstance(data, dict):
         raise SystemExit(f"--config {path}: expected a mapping of option: value")
-    known = {a.dest for a in parser._actions}
+    known = {a.dest for a in parser._actions} - {"config", "help", "local_rank"}
     out = {}
     for key, value in data.items():
         dest = str(key).replace("-", "_")
-        if dest not in known or dest in ("config", "help"):
-            raise SystemExit(f"--config {path}: unknown option {key!r}")
+        if dest not in known:
+            close = difflib.get_close_matches(dest, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SystemExit(f"--config {path}: unknown option {key!r}{hint}")
         out[dest] = value
     return out
 
@@ -189,29 +197,66 @@ class BatchPlan:
         return self.micro_batch * self.grad_accum * self.world_size
 
 
-def resolve_batch(args: argparse.Namespace, ds_config: dict, world_size: int) -> BatchPlan:
-    """Micro batch and accumulation: command line, else the JSON, else 128 x 1 (official 8 x 128)."""
-    sources = {}
-    micro = args.micro_batch
-    sources["micro_batch"] = "command line"
+MICRO_KEY, ACCUM_KEY, TOTAL_KEY = "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"
+
+
+def _batch_value(value: Any, name: str) -> int | None:
+    """A batch setting as a positive int (``None`` when unset); ``name`` says where it came from."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SystemExit(f"{name}: {value!r} is not a positive integer")
+    return value
+
+
+def resolve_batch(
+    args: argparse.Namespace, ds_config: dict, world_size: int, origin: str = "deepspeed config"
+) -> BatchPlan:
+    """Micro batch and accumulation: command line, else the JSON, else derived from the JSON's
+    ``train_batch_size``, else 128 x 1 (official 8 x 128).
+
+    A ``train_batch_size`` in the JSON must come out exactly as micro x accum x ranks:
+    rounding it down would silently change the global batch (and the lr scaled from it),
+    and DeepSpeed itself would only object after the model is built. ``origin`` names the
+    JSON in errors.
+    """
+    sources = {"micro_batch": "command line", "grad_accum": "command line"}
+    micro = _batch_value(args.micro_batch, "--micro-batch")
+    accum = _batch_value(args.grad_accum, "--grad-accum")
     if micro is None:
-        micro = ds_config.get("train_micro_batch_size_per_gpu")
+        micro = _batch_value(ds_config.get(MICRO_KEY), f"{origin}: {MICRO_KEY}")
         sources["micro_batch"] = "deepspeed config"
-    accum = args.grad_accum
-    sources["grad_accum"] = "command line"
     if accum is None:
-        accum = ds_config.get("gradient_accumulation_steps")
+        accum = _batch_value(ds_config.get(ACCUM_KEY), f"{origin}: {ACCUM_KEY}")
         sources["grad_accum"] = "deepspeed config"
-    total = ds_config.get("train_batch_size")
-    if micro is None and accum is not None and isinstance(total, int):
-        micro, sources["micro_batch"] = total // (accum * world_size), "deepspeed config train_batch_size"
-    if accum is None and micro is not None and isinstance(total, int):
-        accum, sources["grad_accum"] = max(total // (micro * world_size), 1), "deepspeed config train_batch_size"
+    total = _batch_value(ds_config.get(TOTAL_KEY), f"{origin}: {TOTAL_KEY}")
+    if total is not None:
+        if micro is None and accum is None:
+            accum, sources["grad_accum"] = 1, "default"
+        if micro is None:
+            micro = _exact_share(total, accum * world_size, f"{origin}: {TOTAL_KEY} {total}",
+                                 f"grad accum {accum} x {world_size} rank(s)")
+            sources["micro_batch"] = "deepspeed config train_batch_size"
+        elif accum is None:
+            accum = _exact_share(total, micro * world_size, f"{origin}: {TOTAL_KEY} {total}",
+                                 f"micro batch {micro} x {world_size} rank(s)")
+            sources["grad_accum"] = "deepspeed config train_batch_size"
+        elif micro * accum * world_size != total:
+            raise SystemExit(
+                f"{origin}: {TOTAL_KEY} {total} != micro batch {micro} ({sources['micro_batch']}) x grad accum "
+                f"{accum} ({sources['grad_accum']}) x {world_size} rank(s) = {micro * accum * world_size}")
     if micro is None:
         micro, sources["micro_batch"] = 128, "default"
     if accum is None:
         accum, sources["grad_accum"] = 1, "default"
-    return BatchPlan(int(micro), int(accum), world_size, sources)
+    return BatchPlan(micro, accum, world_size, sources)
+
+
+def _exact_share(total: int, divisor: int, what: str, by: str) -> int:
+    """``total / divisor`` when it is a whole, positive number; else an error naming both."""
+    if total % divisor:
+        raise SystemExit(f"{what} is not divisible by {by} ({total} / {divisor} = {total / divisor:g})")
+    return total // divisor
 
 
 def peak_lr(args: argparse.Namespace, global_batch: int) -> float:
@@ -230,10 +275,179 @@ def default_ds_config_path() -> Path:
 
 
 def load_ds_config(path: Path) -> dict:
+    """The JSON as written, refused (naming the key) if it holds a key twice or one DeepSpeed
+    does not read: DeepSpeed ignores an unknown top-level key, so ``zero_optimisation``
+    would train a whole run at ZeRO stage 0."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        cfg = json.loads(path.read_text(), object_pairs_hook=_no_duplicate_keys)
+    except (OSError, ValueError) as e:
         raise SystemExit(f"--deepspeed_config {path}: {e}") from e
+    if not isinstance(cfg, dict):
+        raise SystemExit(f"--deepspeed_config {path}: expected a JSON object")
+    check_ds_config(cfg, f"--deepspeed_config {path}")
+    return cfg
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"key {key!r} appears twice")
+        seen[key] = value
+    return seen
+
+
+Schema = dict[str, "Schema | None"]
+"""Known keys of a config level; a key's value is its own schema, or ``None`` when unchecked."""
+
+
+class _KeyRecorder(dict):
+    """An empty config that remembers every key DeepSpeed's parser asks it for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: set[str] = set()
+
+    def __getitem__(self, key: str) -> Any:
+        self.asked.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.asked.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        self.asked.add(str(key))
+        return super().__contains__(key)
+
+    def __len__(self) -> int:
+        return 1  # non-empty, so guards such as ``if param_dict and KEY in param_dict`` are read
+
+    def keys(self) -> _KeyRecorder:  # ``KEY in d.keys()`` must reach __contains__
+        return self
+
+
+def _model_schema(model: type) -> Schema:
+    """Field names and aliases of a DeepSpeed pydantic config model, nested models included."""
+    from pydantic import BaseModel
+
+    schema: Schema = {}
+    for name, field in model.model_fields.items():
+        nested = next((t for t in (field.annotation, *typing.get_args(field.annotation))
+                       if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        sub = _model_schema(nested) if nested is not None else None
+        schema[name] = sub
+        if field.alias:
+            schema[field.alias] = sub
+    return schema
+
+
+def _adam_params_schema(torch_adam: bool) -> Schema:
+    """``optimizer.params`` for DeepSpeed's Adam/AdamW: the keys its engine pops itself, plus the
+    constructor arguments of the class it then builds (torch's with ``torch_adam``, else its
+    CPU or fused Adam), less those the engine passes itself."""
+    import inspect
+
+    import torch
+    from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+    from deepspeed.runtime.config import ADAM_W_MODE, TORCH_ADAM_PARAM
+
+    classes = (torch.optim.AdamW,) if torch_adam else (DeepSpeedCPUAdam, FusedAdam)
+    names = {n for c in classes for n in inspect.signature(c).parameters}
+    names -= {"params", "model_params", "adamw_mode"}
+    # the engine pops these before building the optimizer (deepspeed/runtime/engine.py)
+    names |= {TORCH_ADAM_PARAM, ADAM_W_MODE, "fp32_optimizer_states"}
+    return dict.fromkeys(names)
+
+
+@functools.cache
+def deepspeed_schema() -> Schema:
+    """The keys DeepSpeed reads, taken from the installed DeepSpeed rather than a hand-written
+    list, so it follows DeepSpeed releases.
+
+    Top level: every key ``DeepSpeedConfig._initialize_params`` asks an empty config for
+    (recorded), plus ``sequence_parallel_size`` (read by its constructor). Sections:
+    ``zero_optimization``, ``fp16``, ``bf16`` from their pydantic models (field names and
+    aliases, nested offload models too); ``optimizer``, ``scheduler``, ``data_types`` from
+    DeepSpeed's constants; Adam/AdamW ``optimizer.params`` from the optimizer classes.
+    """
+    from deepspeed.runtime import constants as K
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    recorder = _KeyRecorder()
+    DeepSpeedConfig._initialize_params(object.__new__(DeepSpeedConfig), recorder)
+    schema: Schema = dict.fromkeys({*recorder.asked, "sequence_parallel_size"})
+    schema.update({
+        "zero_optimization": _model_schema(DeepSpeedZeroConfig),
+        "fp16": _model_schema(DeepSpeedFP16Config),
+        "bf16": _model_schema(DeepSpeedBF16Config),
+        "bfloat16": _model_schema(DeepSpeedBF16Config),
+        "optimizer": {K.TYPE: None, K.OPTIMIZER_PARAMS: None, K.LEGACY_FUSION: None},
+        "scheduler": {K.TYPE: None, K.SCHEDULER_PARAMS: None},
+        "data_types": dict.fromkeys((K.GRAD_ACCUM_DTYPE, K.PARAM_DTYPE, K.BUFFER_DTYPE, K.KEEP_IN_FP32_MODULES)),
+    })
+    return schema
+
+
+def _check_keys(cfg: dict, schema: Schema, where: str, origin: str) -> None:
+    for key, value in cfg.items():
+        name = f"{where}{key}"
+        if key not in schema:
+            close = difflib.get_close_matches(key, schema, n=1)
+            hint = f" (did you mean {where + close[0]!r}?)" if close else ""
+            raise SystemExit(f"{origin}: unknown key {name!r}{hint}")
+        sub = schema[key]
+        if sub is None:
+            continue
+        if not isinstance(value, dict):
+            if sub and value is not None:
+                raise SystemExit(f"{origin}: {name!r} must be a JSON object, not {value!r}")
+            continue
+        _check_keys(value, sub, f"{name}.", origin)
+
+
+def check_ds_config(cfg: dict, origin: str = "deepspeed config") -> None:
+    """Refuse, before any compute, what DeepSpeed would ignore or only reject once the model is
+    built: unknown keys (with the closest known one), invalid well-known sections, a
+    negative ``gradient_clipping``, and bf16/fp16 without ZeRO (stage 0 keeps the fp32
+    master weights unnamed in the optimizer state, so no ``weights.pth`` could be written)."""
+    from deepspeed.runtime import constants as K
+
+    schema = deepspeed_schema()
+    _check_keys(cfg, schema, "", origin)
+    optimizer = cfg.get("optimizer") or {}
+    params = optimizer.get(K.OPTIMIZER_PARAMS)
+    if isinstance(params, dict) and str(optimizer.get(K.TYPE, "")).lower() in ("adam", "adamw"):
+        _check_keys(params, _adam_params_schema(bool(params.get("torch_adam"))), "optimizer.params.", origin)
+    _check_section_values(cfg, origin)
+    clip = cfg.get(K.GRADIENT_CLIPPING)
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, int | float) or clip < 0):
+        raise SystemExit(f"{origin}: {K.GRADIENT_CLIPPING} {clip!r} is not a number >= 0")
+    zero = cfg.get("zero_optimization") or {}
+    low = [k for k in ("bf16", "bfloat16", "fp16") if (cfg.get(k) or {}).get("enabled")]
+    if low and zero.get("stage", 0) == 0:
+        raise SystemExit(f"{origin}: {low[0]} needs zero_optimization.stage >= 1 (stage 0 keeps the fp32 "
+                         "master weights where no fp32 weights.pth can be written from)")
+
+
+def _check_section_values(cfg: dict, origin: str) -> None:
+    """Values of the pydantic-backed sections, through DeepSpeed's own models."""
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    models = {"zero_optimization": DeepSpeedZeroConfig, "fp16": DeepSpeedFP16Config,
+              "bf16": DeepSpeedBF16Config, "bfloat16": DeepSpeedBF16Config}
+    for key, model in models.items():
+        if isinstance(cfg.get(key), dict):
+            try:
+                model(**cfg[key])
+            except ValidationError as e:
+                first = e.errors()[0]
+                field = ".".join(str(part) for part in (key, *first["loc"]))
+                raise SystemExit(f"{origin}: {field}: {first['msg']}") from None
 
 
 def resolve_ds_config(
@@ -264,15 +478,68 @@ def resolve_ds_config(
     return cfg
 
 
-def steps_per_epoch_from_manifest(shards: str, global_batch: int) -> int:
-    """``total / global batch`` from ``manifest.json`` beside the shards."""
+def manifest_path(shards: str) -> Path:
+    """``manifest.json`` beside the shards: given as is, in the folder, or beside a pattern."""
     path = Path(shards)
-    manifest = path if path.name == "manifest.json" else (path if path.is_dir() else path.parent) / "manifest.json"
+    return path if path.name == "manifest.json" else (path if path.is_dir() else path.parent) / "manifest.json"
+
+
+def manifest_total(shards: str) -> int:
+    manifest = manifest_path(shards)
     try:
         total = json.loads(manifest.read_text())["total"]
-    except (OSError, json.JSONDecodeError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"cannot size an epoch from {manifest} ({e}); pass --steps-per-epoch") from e
+    if isinstance(total, bool) or not isinstance(total, int) or total < 0:
+        raise SystemExit(f"{manifest}: 'total' {total!r} is not a sample count")
+    return total
+
+
+def steps_per_epoch_from_manifest(shards: str, global_batch: int) -> int:
+    """``total / global batch`` from ``manifest.json`` beside the shards."""
+    total = manifest_total(shards)
     steps = math.floor(total / global_batch)
     if steps < 1:
-        raise SystemExit(f"{manifest}: {total} samples make no full global batch of {global_batch}")
+        raise SystemExit(f"{manifest_path(shards)}: {total} samples make no full global batch of {global_batch}")
     return steps
+
+
+def check_micro_batch_fits(shards: str, plan: BatchPlan) -> None:
+    """Each rank reads ``total / ranks`` samples; fewer than one micro batch would only repeat
+    them (the loader resamples), so it is refused even with ``--steps-per-epoch``."""
+    total = manifest_total(shards)
+    per_rank = total // plan.world_size
+    if per_rank < plan.micro_batch:
+        raise SystemExit(
+            f"{manifest_path(shards)}: {total} samples over {plan.world_size} rank(s) are {per_rank} per rank, "
+            f"fewer than one micro batch of {plan.micro_batch} ({plan.sources['micro_batch']}); "
+            "lower --micro-batch")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What ``prepare`` resolved: the DeepSpeed JSON as passed to DeepSpeed, and the numbers."""
+
+    ds_path: Path
+    ds_config: dict
+    plan: BatchPlan
+    lr: float
+    steps_per_epoch: int
+
+
+def prepare(args: argparse.Namespace, world_size: int) -> RunConfig:
+    """Every check of the run's configuration, before the model or engine exists: the
+    DeepSpeed JSON's keys and sections, the batch arithmetic, and data enough for one micro
+    batch per rank. ``--eval-only`` may have no train shards; its schedule is never stepped."""
+    ds_path = args.deepspeed_config or default_ds_config_path()
+    origin = f"--deepspeed_config {ds_path}"
+    raw = load_ds_config(ds_path)
+    plan = resolve_batch(args, raw, world_size, origin)
+    if args.train_shards and not args.eval_only:
+        check_micro_batch_fits(args.train_shards, plan)
+    lr = peak_lr(args, plan.global_batch)
+    ds_config = resolve_ds_config(args, raw, plan, lr)
+    check_ds_config(ds_config, origin)  # the command line's values too (e.g. --clip-grad)
+    steps = args.steps_per_epoch or (
+        steps_per_epoch_from_manifest(args.train_shards, plan.global_batch) if args.train_shards else 1)
+    return RunConfig(ds_path, ds_config, plan, lr, steps)

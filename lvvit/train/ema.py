@@ -111,10 +111,16 @@ class ModelEma:
         return out
 
     def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Take a full average (any rank count) and keep this rank's part of it."""
-        missing = set(self.shadow) - set(state)
+        """Take a full average (any rank count) and keep this rank's part of it. Every entry
+        is checked before any is copied, so a bad state leaves the average as it was; the
+        ``ValueError`` names the entries at fault."""
+        missing = sorted(set(self.shadow) - set(state))
         if missing:
-            raise KeyError(f"EMA state lacks {sorted(missing)[:5]}")
+            raise ValueError(f"EMA state lacks {len(missing)} entries: {', '.join(missing[:5])}")
+        wrong = [f"{k} {tuple(state[k].shape)} (model {self._full_shape(k)})"
+                 for k in self.shadow if tuple(state[k].shape) != self._full_shape(k)]
+        if wrong:
+            raise ValueError(f"EMA entries of the wrong shape: {', '.join(wrong[:5])}")
         for k in self.shadow:
             value = state[k].float()
             p = self.params.get(k)
@@ -127,3 +133,10 @@ class ModelEma:
                 piece[: chunk.numel()] = chunk
                 value = piece
             self.shadow[k].copy_(value.view_as(self.shadow[k]))
+
+    def _full_shape(self, key: str) -> tuple[int, ...]:
+        """The whole tensor's shape: a ZeRO-3 partition's shadow holds only a flat slice."""
+        p = self.params.get(key)
+        if p is not None and _is_partitioned(p):
+            return tuple(p.ds_shape)
+        return tuple(self.shadow[key].shape)

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -25,7 +26,15 @@ import torch.distributed as dist
 from lvvit import atomic
 from lvvit.train import config as C
 from lvvit.train.checkpointing import WEIGHTS_FILE, Checkpointer, consolidate
-from lvvit.train.tracking import flatten, git_commit, make_tracker, read_run_file
+from lvvit.train.tracking import (
+    Terminated,
+    end_status,
+    flatten,
+    git_commit,
+    make_tracker,
+    raise_on_sigterm,
+    read_run_file,
+)
 
 if TYPE_CHECKING:
     from lvvit.train.ema import ModelEma
@@ -102,18 +111,21 @@ def build_model(
     class count that differs from the file's is an error: re-initialised heads would be
     evaluated as if trained."""
     from lvvit.models import create_model
-    from lvvit.models.checkpoint import load_checkpoint, read_state_dict
+    from lvvit.models.checkpoint import CheckpointError, load_checkpoint, read_state_dict
 
     model_args = {"name": args.model, "img_size": args.img_size, "num_classes": num_classes,
                   **args.model_overrides}
     model = create_model(**model_args, drop_path_rate=args.drop_path, mix_token=args.mix_token)
     if args.finetune is not None and load:
-        if args.eval_only:
-            head = read_state_dict(args.finetune).get("head.weight")
-            if head is not None and head.shape[0] != num_classes:
-                raise SystemExit(f"--eval-only: {args.finetune} has {head.shape[0]} classes, the eval set "
-                                 f"{num_classes} (set --num-classes)")
-        load_checkpoint(model, args.finetune)
+        try:
+            if args.eval_only:
+                head = read_state_dict(args.finetune).get("head.weight")
+                if head is not None and head.shape[0] != num_classes:
+                    raise SystemExit(f"--eval-only: {args.finetune} has {head.shape[0]} classes, the eval set "
+                                     f"{num_classes} (set --num-classes)")
+            load_checkpoint(model, args.finetune)
+        except (CheckpointError, FileNotFoundError) as err:
+            raise SystemExit(f"--finetune: {err}") from None
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model, model_args
@@ -139,16 +151,11 @@ class Trainer:
         # before any tensor is placed: DeepSpeed only selects the rank's GPU inside initialize()
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
         self.device = torch.device(get_accelerator().current_device_name())
-        args.output.mkdir(parents=True, exist_ok=True)
 
-        ds_path = args.deepspeed_config or C.default_ds_config_path()
-        raw_ds = C.load_ds_config(ds_path)
-        self.plan = C.resolve_batch(args, raw_ds, self.world)
-        self.lr = C.peak_lr(args, self.plan.global_batch)
-        self.ds_config = C.resolve_ds_config(args, raw_ds, self.plan, self.lr)
-        # --eval-only may have no train shards; its schedule is never stepped
-        self.steps_per_epoch = args.steps_per_epoch or (C.steps_per_epoch_from_manifest(
-            args.train_shards, self.plan.global_batch) if args.train_shards else 1)
+        run_config = C.prepare(args, self.world)  # every config check, before the model exists
+        args.output.mkdir(parents=True, exist_ok=True)
+        ds_path, self.ds_config = run_config.ds_path, run_config.ds_config
+        self.plan, self.lr, self.steps_per_epoch = run_config.plan, run_config.lr, run_config.steps_per_epoch
         self.total_epochs = args.epochs + args.cooldown_epochs
         self.classes = read_classes(args.train_shards or args.eval_shards)
         self.num_classes = args.num_classes or (len(self.classes) if self.classes else 1000)
@@ -171,6 +178,7 @@ class Trainer:
                                          smoothing=args.smoothing, ground_truth=args.ground_truth)
         self.position = Position()
         self.skipped = 0  # micro batches dropped under --nan-policy skip
+        self.weights_written = False
         run_id = None
         if args.resume is not None:
             state = self.checkpointer.resume(args.resume).get("lvvit", {})
@@ -183,7 +191,8 @@ class Trainer:
         run_name = args.run_name or f"{args.model}-{args.img_size}{'-eval' if args.eval_only else ''}"
         self.tracker = make_tracker(
             args.mlflow, self.rank, args.experiment, run_name, args.output, self.tags(),
-            None if args.eval_only else run_id, args.system_metrics, record=not args.eval_only)
+            None if args.eval_only else run_id, args.system_metrics, record=not args.eval_only,
+            strict=args.strict_tracking)
         self.log_setup(ds_path)
 
     def ema_from_file(self, path: Path) -> ModelEma | None:
@@ -296,25 +305,24 @@ class Trainer:
         """Only rank 0 knows the MLflow run; the others need it for their checkpoint files."""
         box = [self.tracker.run_id]
         dist.broadcast_object_list(box, src=0)
-        self.tracker.run_id = box[0]
+        if self.rank != 0:  # rank 0's sender may set it meanwhile, when the server comes back
+            self.tracker.run_id = box[0]
 
     # ----------------------------------------------------------------- run
     def run(self) -> dict[str, float]:
         """Epochs until done (or ``--max-steps``); returns the last eval metrics."""
         self.broadcast_run_id()
         metrics: dict[str, float] = {}
-        try:
-            while self.position.epoch < self.total_epochs:
-                if not self.train_epoch():
-                    log.info("stopped at --max-steps %d; resume with --resume", self.engine.global_steps)
-                    self.tracker.finish("KILLED")
-                    return metrics
-                metrics = self.end_epoch()
-            self.finish()
-            return metrics
-        except NonFiniteLoss:
-            self.tracker.finish("FAILED")
-            raise
+        while self.position.epoch < self.total_epochs:
+            if not self.train_epoch():
+                log.info("stopped at --max-steps %d; resume with --resume", self.engine.global_steps)
+                self.tracker.finish("KILLED")
+                return metrics
+            metrics = self.end_epoch()
+        if not self.weights_written:  # resumed from the last epoch's checkpoint
+            self.write_weights()
+        self.finish()
+        return metrics
 
     def train_epoch(self) -> bool:
         """The rest of the current epoch; ``False`` when ``--max-steps`` stopped it."""
@@ -395,19 +403,34 @@ class Trainer:
                      metrics["train/lr"], metrics["train/images_per_sec"])
 
     def end_epoch(self) -> dict[str, float]:
-        """Synchronise BatchNorm statistics, evaluate (and the EMA), checkpoint."""
+        """Synchronise BatchNorm statistics, evaluate (and the EMA), checkpoint.
+
+        Mid-run the eval comes first: its RNG draws (loader seeds) are then part of the saved
+        state, so a run resumed from this checkpoint continues like an uninterrupted one.
+        After the last epoch the checkpoint and ``weights.pth`` come first, so that a failing
+        final eval (or tracker) cannot cost the trained weights.
+        """
         from lvvit.train.ema import average_buffers
 
         average_buffers(b for b in self.engine.module.buffers() if b.dtype.is_floating_point)
         if self.ema is not None:
             self.ema.reduce_buffers()
-        metrics: dict[str, float] = {}
-        if self.args.eval and self.args.eval_shards:
-            metrics = self.eval_all()
-            if self.rank == 0:
-                log.info("epoch %d eval %s", self.position.epoch, metrics)
-        self.position = Position(self.position.epoch + 1, 0)
+        epoch = self.position.epoch
+        last = epoch + 1 == self.total_epochs
+        metrics = {} if last else self.eval_epoch(epoch)
+        self.position = Position(epoch + 1, 0)
         self.save()
+        if last:
+            self.write_weights()
+            metrics = self.eval_epoch(epoch)
+        return metrics
+
+    def eval_epoch(self, epoch: int) -> dict[str, float]:
+        if not (self.args.eval and self.args.eval_shards):
+            return {}
+        metrics = self.eval_all()
+        if self.rank == 0:
+            log.info("epoch %d eval %s", epoch, metrics)
         return metrics
 
     def eval_all(self) -> dict[str, float]:
@@ -446,17 +469,23 @@ class Trainer:
 
         return evaluate(self.engine, self.eval_batches(), self.device, self.dtype)
 
+    def write_weights(self) -> None:
+        """Consolidated fp32 weights (+ EMA) of the last checkpoint, ``OUTPUT/weights.pth``."""
+        if self.rank == 0:
+            path = consolidate(self.args.output / "checkpoints", self.checkpointer.last_tag,
+                               self.args.output / WEIGHTS_FILE, self.model_args)
+            log.info("wrote %s", path)
+        dist.barrier()
+        self.weights_written = True
+
     def finish(self) -> None:
-        """Consolidated fp32 weights (+ EMA) and the artifacts, then close the run."""
+        """The artifacts (``weights.pth`` is on disk already), then close the run."""
         out = self.args.output
         if self.rank == 0:
-            path = consolidate(out / "checkpoints", self.checkpointer.last_tag, out / WEIGHTS_FILE,
-                               self.model_args)
-            self.tracker.log_artifact(path)
+            self.tracker.log_artifact(out / WEIGHTS_FILE)
             if self.classes is not None:
-                (out / "classes.json").write_text(json.dumps(self.classes, indent=1) + "\n")
+                atomic.write_text(out / "classes.json", json.dumps(self.classes, indent=1) + "\n")
                 self.tracker.log_artifact(out / "classes.json")
-            log.info("wrote %s", path)
         dist.barrier()
         self.tracker.finish("FINISHED")
 
@@ -464,11 +493,18 @@ class Trainer:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = C.parse_args(argv)
+    raise_on_sigterm()
     trainer = Trainer(args)
-    if args.eval_only:
-        trainer.eval_only()
-    else:
-        trainer.run()
+    try:
+        if args.eval_only:
+            trainer.eval_only()
+        else:
+            trainer.run()
+    except BaseException as err:  # the MLflow run says FAILED or KILLED, never FINISHED
+        trainer.tracker.finish(end_status(err))
+        if isinstance(err, Terminated):
+            raise SystemExit(128 + signal.SIGTERM) from None
+        raise
 
 
 __all__ = ["NonFiniteLoss", "Trainer", "main"]

@@ -1,21 +1,50 @@
-"""MLflow tracking from rank 0; every other rank gets a tracker that does nothing.
+"""MLflow tracking from rank 0 that never stops or stalls training.
 
 The store is MLflow's own choice: ``MLFLOW_TRACKING_URI`` when set (a server), else the
 embedded SQLite store (``mlflow.db`` + ``mlruns/`` in the working directory). The run id
 is written to ``OUTPUT/mlflow_run.json`` so ``--resume`` and ``lvvit-export`` find the run.
+
+Every call to MLflow is bounded (:func:`bound_http_requests`) and made by one background
+thread: the training step only puts a record on a bounded queue. While the server does not
+answer, records go to ``OUTPUT/mlflow-spool.jsonl`` and are sent when it answers again;
+what is still there when the run ends can be sent later with
+``python -m lvvit.train.tracking replay OUTPUT``.
 """
 
 from __future__ import annotations
 
-import contextlib
+import argparse
 import json
+import logging
 import os
+import queue
+import signal
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+from lvvit import atomic
+
+log = logging.getLogger("lvvit.train.tracking")
+
 RUN_FILE = "mlflow_run.json"
+SPOOL_FILE = "mlflow-spool.jsonl"
 MAX_PARAM_CHARS = 6000
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+}
+"""MLflow's own defaults (120 s timeout, 7 retries, backoff 2) let one call take minutes."""
+QUEUE_SIZE = 1000
+RETRY_SECONDS = 15.0
+"""How long the sender waits, after a failed call, before trying the spool again."""
+FINISH_SECONDS = 60.0
+"""The longest the end of a run waits for the sender before leaving the rest in the spool."""
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -45,20 +74,185 @@ def read_run_file(output: Path) -> dict[str, str] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def ensure_experiment(name: str) -> None:
-    """Select ``name``, creating it if needed. With a SQLite store, a new experiment keeps its
+def bound_http_requests() -> None:
+    """Short timeouts and few retries for every MLflow HTTP call of this process, unless the
+    user set the variables. MLflow reads them at each request."""
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:300] if text else ''}"
+
+
+def experiment_id(client, name: str) -> str:
+    """The id of ``name``, created if needed. With a SQLite store, a new experiment keeps its
     artifacts in ``mlruns/`` beside the database file rather than in the working directory
     of whichever run happened to create it."""
-    import mlflow
     from mlflow.exceptions import MlflowException
 
-    uri = mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
-        db = Path(uri[len("sqlite:///"):]).resolve()
-        with contextlib.suppress(MlflowException):  # created meanwhile by another run
-            mlflow.create_experiment(name, artifact_location=(db.parent / "mlruns").as_uri())
-    mlflow.set_experiment(name)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    uri = client.tracking_uri
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # created meanwhile by another run
+        return client.get_experiment_by_name(name).experiment_id
 
+
+# ----------------------------------------------------------------- records
+# One record per tracking call, as JSON: what the sender sends and the spool keeps.
+# "run" is the run id, or None for "the run made by the latest preceding 'create' record".
+
+def write_run_file(output: Path, run, uri: str) -> None:
+    """``OUTPUT/mlflow_run.json``: the run ``--resume`` continues and ``lvvit-export`` logs to."""
+    atomic.write_json(output / RUN_FILE, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+                                          "tracking_uri": uri})
+
+
+def apply(client, record: dict[str, Any], run_id: str | None) -> str | None:
+    """Send one record to ``run_id`` (a ``create`` record makes the run); returns the run id."""
+    kind = record["kind"]
+    if kind == "create":
+        exp = experiment_id(client, record["experiment"])
+        run = client.create_run(exp, run_name=record["run_name"], tags=record["tags"],
+                                start_time=record["time"])
+        if record.get("record_in"):
+            write_run_file(Path(record["record_in"]), run, client.tracking_uri)
+        return run.info.run_id
+    if run_id is None:
+        raise ValueError(f"a {kind!r} record has no run (no 'create' record before it)")
+    if kind == "resume":
+        client.update_run(run_id, status="RUNNING")
+    elif kind == "params":
+        existing = client.get_run(run_id).data.params
+        fresh = {k: v for k, v in record["params"].items() if k not in existing}
+        if fresh:
+            from mlflow.entities import Param
+
+            client.log_batch(run_id, params=[Param(k, v) for k, v in fresh.items()])
+    elif kind == "metrics":
+        from mlflow.entities import Metric
+
+        client.log_batch(run_id, metrics=[Metric(k, float(v), record["time"], record["step"])
+                                          for k, v in record["metrics"].items()])
+    elif kind == "artifact":
+        client.log_artifact(run_id, record["path"], artifact_path=record["artifact_path"])
+    elif kind == "dict":
+        client.log_dict(run_id, record["data"], record["name"])
+    elif kind == "end":
+        client.set_terminated(run_id, status=record["status"], end_time=record["time"])
+    else:
+        raise ValueError(f"unknown record kind {kind!r}")
+    return run_id
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Spool:
+    """Records not yet sent, one JSON object a line, appended as they come. Writers from two
+    threads (the sender, and the training thread when the queue is full) share a lock."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock = threading.Lock()
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        if not records:
+            return
+        with self.lock, open(self.path, "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in records))
+            f.flush()
+
+    def pending(self) -> bool:
+        return self.path.exists() and self.path.stat().st_size > 0
+
+    def take(self) -> tuple[list[dict[str, Any]], int]:
+        """The records now in the spool and the byte offset they end at."""
+        with self.lock:
+            if not self.path.exists():
+                return [], 0
+            data = self.path.read_bytes()
+        return parse_spool(self.path, data), len(data)
+
+    def settle(self, unsent: list[dict[str, Any]], offset: int) -> None:
+        """Keep ``unsent`` and whatever was appended after ``offset``; remove an empty spool."""
+        with self.lock:
+            tail = self.path.read_bytes()[offset:] if self.path.exists() else b""
+            text = "".join(json.dumps(r) + "\n" for r in unsent) + tail.decode()
+            if text:
+                atomic.write_text(self.path, text)
+            else:
+                self.path.unlink(missing_ok=True)
+
+    def count(self) -> int:
+        return len(self.take()[0])
+
+
+def parse_spool(path: Path, data: bytes) -> list[dict[str, Any]]:
+    """The spool's records; a torn last line (the process died mid-write) is dropped."""
+    records = []
+    lines = data.decode().splitlines()
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise SystemExit(f"{path}: line {i + 1} is not JSON") from None
+            log.warning("%s: dropping a torn last line", path)
+    return records
+
+
+def is_outage(err: BaseException) -> bool:
+    """The server did not answer (connection, timeout, 5xx): keep the record for later.
+    Anything else (a record the server refuses, a local file gone) would fail forever."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, requests.exceptions.RequestException | ConnectionError | TimeoutError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return isinstance(err, MlflowException) and err.get_http_status_code() >= 500 and err.__cause__ is None
+
+
+def send_all(client, records: list[dict[str, Any]], run_id: str | None,
+             on_run=None) -> tuple[list[dict[str, Any]], str | None, BaseException | None]:
+    """Send ``records`` in order until the server stops answering; a record it refuses is
+    dropped with a warning. Returns the unsent records (each naming its run, so the spool
+    stays right once their ``create`` record is gone), the current run id and the error."""
+    for i, record in enumerate(records):
+        try:
+            new = apply(client, record, record.get("run") or run_id)
+        except Exception as err:  # connection errors, MlflowException
+            if is_outage(err):
+                return stamp(records[i:], run_id), run_id, err
+            log.warning("MLflow refused a %r record, dropped: %s", record["kind"], first_line(err))
+            continue
+        if record["kind"] == "create":
+            run_id = new
+            if on_run is not None:
+                on_run(new)
+    return [], run_id, None
+
+
+def stamp(records: list[dict[str, Any]], run_id: str | None) -> list[dict[str, Any]]:
+    """Fill in ``run_id`` for the records that belong to it: those before the next 'create'."""
+    for i, record in enumerate(records):
+        if record["kind"] == "create":
+            return [{**r, "run": r.get("run") or run_id} for r in records[:i]] + records[i:]
+    return [{**r, "run": r.get("run") or run_id} for r in records]
+
+
+# ----------------------------------------------------------------- trackers
 
 class NullTracker:
     """What ranks other than 0 (and ``--no-mlflow`` runs) log to."""
@@ -73,62 +267,262 @@ class NullTracker:
 
 
 class MlflowTracker(NullTracker):
-    """One MLflow run; resuming passes the stored ``run_id`` and the run carries on."""
+    """One MLflow run fed by a background sender; resuming passes the stored ``run_id``.
+
+    The run is created (or resumed) here, synchronously, so ``--strict-tracking`` can refuse
+    to start; when the server does not answer, that record waits in the spool like any other.
+    """
 
     def __init__(
         self, experiment: str, run_name: str, output: Path, tags: dict[str, str],
         run_id: str | None = None, system_metrics: bool = True, record: bool = True,
+        strict: bool = False,
     ) -> None:
-        import mlflow
+        bound_http_requests()
+        from mlflow.tracking import MlflowClient
 
-        self.mlflow = mlflow
-        ensure_experiment(experiment)
-        if run_id is not None:
-            run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
-        else:
-            run = mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=system_metrics)
-        self.run_id = run.info.run_id
-        if record:
-            self._record(output, run)
-
-    def _record(self, output: Path, run) -> None:
-        """``OUTPUT/mlflow_run.json``: the run ``--resume`` continues and ``lvvit-export`` logs to."""
-        mlflow = self.mlflow
         output.mkdir(parents=True, exist_ok=True)
-        record = {
-            "run_id": self.run_id,
-            "experiment_id": run.info.experiment_id,
-            "tracking_uri": mlflow.get_tracking_uri(),
-        }
-        tmp = output / (RUN_FILE + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, output / RUN_FILE)
+        self.client = MlflowClient()
+        self.output = output
+        self.system_metrics = system_metrics
+        self.monitor = None
+        self.spool = Spool(output / SPOOL_FILE)
+        self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_SIZE)
+        self.run_id = run_id
+        self.finished = False
+        self.next_try = 0.0
+        self.offline_warned = False
+        if run_id is None:
+            start = {"kind": "create", "experiment": experiment, "run_name": run_name, "tags": tags,
+                     "time": now_ms(), "record_in": str(output.resolve()) if record else None}
+        else:
+            start = {"kind": "resume", "run": run_id}
+        self.start(start, strict)
+        self.sender = threading.Thread(target=self.send_loop, name="mlflow-sender", daemon=True)
+        self.sender.start()
+
+    def start(self, record: dict[str, Any], strict: bool) -> None:
+        """Create or resume the run now; an unreachable server is fatal only when ``strict``."""
+        if strict:
+            try:
+                self.client.search_experiments(max_results=1)
+            except Exception as err:
+                raise SystemExit(f"--strict-tracking: MLflow at {self.client.tracking_uri} is unreachable: "
+                                 f"{first_line(err)}") from None
+        if self.spool.pending():  # an earlier segment of this run could not send everything
+            log.info("%s holds records of an earlier run segment; they are sent first", self.spool.path)
+            self.spool.append([record])
+            if self.flush_spool():
+                self.start_monitor(resume=record["kind"] == "resume")
+            return
+        try:
+            self.run_id = apply(self.client, record, self.run_id)
+        except Exception as err:
+            self.go_offline(err)
+            self.spool.append([record])
+            return
+        self.start_monitor(resume=record["kind"] == "resume")
+
+    def start_monitor(self, resume: bool) -> None:
+        """MLflow's system metrics (CPU, memory, GPU) for the run; best effort, never spooled."""
+        if not self.system_metrics or self.monitor is not None:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        try:
+            self.monitor = SystemMetricsMonitor(self.run_id, resume_logging=resume,
+                                                tracking_uri=self.client.tracking_uri)
+            self.monitor.start()
+        except Exception as err:
+            log.warning("MLflow system metrics are off: %s", first_line(err))
+            self.monitor = None
+
+    def go_offline(self, err: BaseException) -> None:
+        """Note the failure once per outage; the sender tries again after ``RETRY_SECONDS``."""
+        self.next_try = time.monotonic() + RETRY_SECONDS
+        if not self.offline_warned:
+            self.offline_warned = True
+            log.warning("MLflow at %s does not answer (%s): training goes on, tracking records wait in "
+                        "%s and are sent when it answers", self.client.tracking_uri, first_line(err),
+                        self.spool.path)
+
+    def flush_spool(self) -> bool:
+        """Send the spool in order; ``True`` when it is empty afterwards."""
+        records, offset = self.spool.take()
+        unsent, self.run_id, err = send_all(self.client, records, self.run_id, on_run=self.created)
+        self.spool.settle(unsent, offset)
+        if err is not None:
+            self.go_offline(err)
+            return False
+        if self.offline_warned:
+            log.info("MLflow at %s answers again: %d spooled records sent", self.client.tracking_uri,
+                     len(records))
+            self.offline_warned = False
+        return not self.spool.pending()
+
+    def created(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.start_monitor(resume=False)
+
+    # the sender thread
+    def send_loop(self) -> None:
+        while True:
+            try:
+                record = self.queue.get(timeout=1.0)
+            except queue.Empty:
+                record = None
+            if self.spool.pending() and time.monotonic() >= self.next_try:
+                self.flush_spool()
+            if record is None:
+                continue
+            if record["kind"] == "end":
+                self.end(record)
+                return
+            self.send(record)
+
+    def send(self, record: dict[str, Any]) -> None:
+        """Straight to MLflow unless earlier records wait (order is kept); else to the spool."""
+        if not self.spool.pending() and self.run_id is not None:
+            try:
+                apply(self.client, record, record.get("run") or self.run_id)
+                return
+            except Exception as err:
+                if not is_outage(err):
+                    log.warning("MLflow refused a %r record, dropped: %s", record["kind"], first_line(err))
+                    return
+                self.go_offline(err)
+        self.spool.append([{**record, "run": record.get("run") or self.run_id}])
+
+    def end(self, record: dict[str, Any]) -> None:
+        """One last try at the spool, stop the system metrics, then close the run."""
+        if self.monitor is not None:
+            self.monitor.finish()
+        if self.spool.pending():
+            self.flush_spool()
+        self.send(record)
+
+    # the training thread
+    def put(self, record: dict[str, Any]) -> None:
+        """Never waits: a full queue (the sender is stuck on the network) goes to the spool."""
+        record = {**record, "run": self.run_id}
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.spool.append([record])
 
     def log_params(self, params: dict[str, Any]) -> None:
-        existing = self.mlflow.get_run(self.run_id).data.params
-        fresh = {k: str(v)[:MAX_PARAM_CHARS] for k, v in params.items() if k not in existing}
-        if fresh:
-            self.mlflow.log_params(fresh)
+        self.put({"kind": "params", "params": {k: str(v)[:MAX_PARAM_CHARS] for k, v in params.items()}})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.mlflow.log_metrics(metrics, step=step)
+        self.put({"kind": "metrics", "metrics": {k: float(v) for k, v in metrics.items()}, "step": int(step),
+                  "time": now_ms()})
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        self.put({"kind": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
     def log_dict(self, data: dict, name: str) -> None:
-        self.mlflow.log_dict(data, name)
+        self.put({"kind": "dict", "data": data, "name": name})
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.mlflow.end_run(status=status)
+        """Close the run as ``status`` (once); waits at most ``FINISH_SECONDS`` for the sender."""
+        if self.finished:
+            return
+        self.finished = True
+        end = {"kind": "end", "status": status, "time": now_ms(), "run": self.run_id}
+        deadline = time.monotonic() + FINISH_SECONDS
+        try:
+            self.queue.put(end, timeout=FINISH_SECONDS)
+            queued = True
+        except queue.Full:
+            queued = False
+        self.sender.join(max(deadline - time.monotonic(), 0.0))
+        if self.sender.is_alive():  # stuck on a call that does not return: the rest waits in the spool
+            left = []
+            while not self.queue.empty():
+                left.append(self.queue.get_nowait())
+            self.spool.append(left if queued and left else [*left, end])
+            log.warning("MLflow at %s did not answer within %.0f s at the end of the run",
+                        self.client.tracking_uri, FINISH_SECONDS)
+        if self.spool.pending():
+            log.warning("%d tracking records were not sent to MLflow at %s; they are in %s. Send them with "
+                        "`MLFLOW_TRACKING_URI=%s python -m lvvit.train.tracking replay %s`",
+                        self.spool.count(), self.client.tracking_uri, self.spool.path,
+                        self.client.tracking_uri, self.output)
 
 
 def make_tracker(
     enabled: bool, rank: int, experiment: str, run_name: str, output: Path,
     tags: dict[str, str], run_id: str | None, system_metrics: bool, record: bool = True,
+    strict: bool = False,
 ) -> NullTracker:
     """``record=False`` leaves ``OUTPUT/mlflow_run.json`` alone (an eval-only run must not
     take the place of the training run that ``--resume`` continues)."""
     if not enabled or rank != 0:
         return NullTracker()
-    return MlflowTracker(experiment, run_name, output, tags, run_id, system_metrics, record)
+    return MlflowTracker(experiment, run_name, output, tags, run_id, system_metrics, record, strict)
+
+
+# ----------------------------------------------------------------- run endings
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that the run is closed as KILLED."""
+
+
+def raise_on_sigterm() -> None:
+    """Turn SIGTERM into :class:`Terminated` in this process (forked children keep the default)."""
+    pid = os.getpid()
+
+    def handler(signum, frame) -> None:
+        if os.getpid() != pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def end_status(err: BaseException) -> str:
+    """KILLED for an interrupt or SIGTERM, FAILED for anything else that ended the run."""
+    return "KILLED" if isinstance(err, KeyboardInterrupt | Terminated) else "FAILED"
+
+
+# ----------------------------------------------------------------- replay
+
+def replay(output: Path) -> str:
+    """Send ``OUTPUT/mlflow-spool.jsonl`` to MLflow (``MLFLOW_TRACKING_URI``, else the URI in
+    ``OUTPUT/mlflow_run.json``); returns a one-line summary. What fails stays in the spool."""
+    bound_http_requests()
+    from mlflow.tracking import MlflowClient
+
+    spool = Spool(output / SPOOL_FILE)
+    if not spool.pending():
+        raise SystemExit(f"{spool.path}: no spooled records")
+    recorded = read_run_file(output) or {}
+    client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or recorded.get("tracking_uri"))
+    records, offset = spool.take()
+    runs: list[str] = []
+    unsent, _, err = send_all(client, records, None, on_run=runs.append)
+    spool.settle(unsent, offset)
+    if err is not None:
+        raise SystemExit(f"{spool.path}: {len(records) - len(unsent)} of {len(records)} records sent to "
+                         f"{client.tracking_uri}, then {first_line(err)}; the rest stay in the spool")
+    targets = sorted({r["run"] for r in records if r.get("run")} | set(runs))
+    return f"{len(records)} records sent to {client.tracking_uri}, run {', '.join(targets)}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m lvvit.train.tracking",
+        description="Send the MLflow records a training run could not send (OUTPUT/mlflow-spool.jsonl).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("replay", help="send OUTPUT/mlflow-spool.jsonl to MLFLOW_TRACKING_URI "
+                       "(else the URI in OUTPUT/mlflow_run.json); sent records leave the spool")
+    p.add_argument("output", type=Path, help="the training run's --output folder")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    print(replay(args.output))
+
+
+if __name__ == "__main__":
+    main()
