@@ -80,14 +80,6 @@ def server(model_dir, tmp_path_factory):
     assert code == 0, srv.output()
 
 
-@pytest.fixture(scope="module")
-def reference(model_dir):
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    return lambda x: session.run(["logits"], {"images": x})[0]
-
-
 def images(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 3, IMG, IMG), dtype=np.float32)
 

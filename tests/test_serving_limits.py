@@ -13,7 +13,6 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
@@ -46,14 +45,6 @@ def server(model_dir, tmp_path_factory):
                         "--max-request-mpix", str(REQUEST_MPIX), env={**os.environ, "OMP_NUM_THREADS": "1"})
     yield srv
     assert srv.stop() == 0, srv.output()
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir):
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    return lambda x: session.run(["logits"], {"images": x})[0]
 
 
 def jpeg(width: int, height: int, seed: int) -> bytes:
