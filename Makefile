@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo
+.PHONY: install test lint demo gpu-wheels gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,3 +26,22 @@ test: $(STAMP)
 # The whole product on scikit-learn's digits; DEMO_FLAGS=--fresh redoes every stage.
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 MLFLOW_DISABLE_TELEMETRY=true $(PY) -m lvvit.demo --out demo_out $(DEMO_FLAGS)
+
+# The GPU check's luggage (docs/benchmarks.md): our wheel and those of the dependencies a bare
+# GPU machine lacks (Python 3.12, x86-64; CUDA torch, numpy, pillow, yaml are there), in .whl/.
+GPU_PY := --python-version 3.12 --implementation cp --only-binary=:all: --platform manylinux_2_28_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+GPU_PURE := webdataset==1.0.2 braceexpand==0.1.7 hjson==3.1.0 pydantic==2.14.4 annotated-types==0.8.0 \
+	typing-inspection==0.4.5
+GPU_BINARY := pydantic_core==2.50.5
+
+gpu-wheels: $(STAMP)
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w .whl .
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w .whl "deepspeed==$$($(PY) -c 'import importlib.metadata as m; print(m.version("deepspeed"))')"
+	$(PY) -m pip download -q --no-deps $(GPU_PY) -d .whl $(GPU_PURE) $(GPU_BINARY)
+	du -sh .whl
+
+# On the GPU machine, after `make gpu-wheels` here: writes gpu_check.md (or $$OUT/gpu_check.md).
+gpu-check:
+	benchmarks/gpu_check.sh

@@ -55,8 +55,8 @@ from .triton import write_triton_repo
 from .weights import (
     ModelSpec,
     build_model,
+    read_weights,
     spec_from_model_args,
-    stored_model_args,
     weights_file,
 )
 
@@ -154,10 +154,11 @@ def load_model(args: argparse.Namespace, num_labels: int | None) -> tuple[LVViT,
     torch.manual_seed(args.seed)
     wfile_ctx = weights_file(args.checkpoint) if args.checkpoint else contextlib.nullcontext(None)
     with wfile_ctx as wfile:
-        spec = resolve_spec(args, stored_model_args(wfile) if wfile else {})
-        if spec.num_classes is None and wfile is None:
+        checkpoint = read_weights(wfile, use_ema=args.ema) if wfile else None
+        spec = resolve_spec(args, checkpoint.model_args if checkpoint else {})
+        if spec.num_classes is None and checkpoint is None:
             spec.num_classes = num_labels
-        model = build_model(spec, wfile, use_ema=args.ema)
+        model = build_model(spec, checkpoint)
     spec.num_classes = model.num_classes
     return model, spec
 

@@ -10,10 +10,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from lvvit.models import LVViT, LVViTConfig, create_model
-from lvvit.models.checkpoint import CheckpointError, load_checkpoint, read_state_dict
+from lvvit.models import LVViT, LVViTConfig, model_from_checkpoint
+from lvvit.models.checkpoint import Checkpoint, CheckpointError, ClassCountMismatch, read_checkpoint
 
 from .errors import ExportError
 
@@ -52,14 +50,13 @@ def consolidate_deepspeed(path: Path, out: Path) -> Path:
         raise ExportError(f"{path}: cannot consolidate the DeepSpeed checkpoint: {err}") from err
 
 
-def stored_model_args(path: Path) -> dict[str, Any]:
-    """``model_args`` recorded in our consolidated files (empty for official files)."""
+def read_weights(path: Path, use_ema: bool = False) -> Checkpoint:
+    """The weights file, read once as data: its tensors and recorded ``model_args`` (empty
+    for official files) decide the spec and fill the model."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # unreadable files are reported by load_checkpoint with the reason
-        return {}
-    args = obj.get("model_args") if isinstance(obj, dict) else None
-    return dict(args) if isinstance(args, dict) else {}
+        return read_checkpoint(path, use_ema=use_ema)
+    except (CheckpointError, FileNotFoundError) as err:
+        raise ExportError(str(err)) from err
 
 
 def spec_from_model_args(model_args: dict[str, Any]) -> dict[str, Any]:
@@ -94,8 +91,8 @@ def weights_file(checkpoint: Path) -> Iterator[Path]:
         yield consolidate_deepspeed(checkpoint, Path(tmp) / "weights.pth")
 
 
-def build_model(spec: ModelSpec, weights: Path | None, use_ema: bool = False) -> LVViT:
-    """The eval-mode model with the weights of ``weights`` (random weights without one).
+def build_model(spec: ModelSpec, checkpoint: Checkpoint | None) -> LVViT:
+    """The eval-mode model with the weights of ``checkpoint`` (random weights without one).
 
     A class-count mismatch is an error here, not a head re-initialisation: an exported
     model with a random classifier would serve nonsense that still looks plausible.
@@ -106,27 +103,14 @@ def build_model(spec: ModelSpec, weights: Path | None, use_ema: bool = False) ->
             f"unknown model argument(s) {', '.join(sorted(unknown))}; "
             f"valid: {', '.join(sorted(ARCH_FIELDS))}"
         )
-    state = None
-    if weights is not None:
-        try:
-            state = read_state_dict(weights, use_ema=use_ema)
-        except (CheckpointError, FileNotFoundError) as err:
-            raise ExportError(str(err)) from err
-    head = state.get("head.weight") if state is not None else None
-    num_classes = spec.num_classes or (head.shape[0] if head is not None else 1000)
-    if head is not None and head.shape[0] != num_classes:
-        raise ExportError(
-            f"{weights}: the checkpoint has {head.shape[0]} classes but the model {num_classes}; "
-            f"export with --num-classes {head.shape[0]}"
-        )
     try:
-        model = create_model(spec.name, img_size=spec.img_size, num_classes=num_classes,
-                             drop_path_rate=0.0, **spec.overrides)
+        model = model_from_checkpoint(spec.name, checkpoint, img_size=spec.img_size,
+                                      num_classes=spec.num_classes, drop_path_rate=0.0,
+                                      **spec.overrides)
+    except ClassCountMismatch as err:
+        raise ExportError(f"{err}; export with --num-classes {err.found}") from err
+    except CheckpointError as err:
+        raise ExportError(str(err)) from err
     except (ValueError, TypeError) as err:
         raise ExportError(f"cannot build {spec.name}: {err}") from err
-    if weights is not None:
-        try:
-            load_checkpoint(model, weights, use_ema=use_ema)
-        except (CheckpointError, FileNotFoundError) as err:
-            raise ExportError(str(err)) from err
     return model.eval()

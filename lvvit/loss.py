@@ -4,6 +4,7 @@ Follows the official ``TokenLabelCrossEntropy`` / ``TokenLabelGTCrossEntropy``: 
 target is mixed with MixToken's ``lam`` (the class token saw the mixed image), the token
 targets are not (the model un-mixes its aux outputs). Everything runs in float32 whatever
 the logits' dtype, so bf16/fp16 training does not take log-softmax in low precision.
+Tensor operations only, no host reads: ``torch.compile(fullgraph=True)`` takes the loss whole.
 """
 
 from __future__ import annotations
@@ -110,8 +111,8 @@ class TokenLabelingLoss(nn.Module):
             cls_target, token_target = cls_target.float(), token_target.float()
             if self.ground_truth:
                 cls_target = blend_ground_truth(cls_target, one_hot, labels)
-        lam = mix_token_lam(mix_box, num_tokens)
-        if lam < 1.0:
+        if mix_box is not None:  # no branch on lam: a compiled loss would re-trace per value
+            lam = mix_token_lam(mix_box, num_tokens)
             cls_target = lam * cls_target + (1.0 - lam) * cls_target.flip(0)
         cls_loss = soft_cross_entropy(cls_logits, cls_target)
         aux_loss = soft_cross_entropy(aux_logits, token_target)

@@ -27,9 +27,24 @@ Sampling follows ``torchvision.ops.roi_align`` exactly (CPU/CUDA kernels):
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+class CropWeights(NamedTuple):
+    """RoIAlign factors of a batch of crops: ``rows [B, S, H]`` and ``cols [B, S, W]`` for
+    the token targets, the same at ``S = 1`` for the class target (float64)."""
+
+    cls_rows: Tensor
+    cls_cols: Tensor
+    token_rows: Tensor
+    token_cols: Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> CropWeights:
+        return CropWeights(*(w.to(device, non_blocking=non_blocking) for w in self))
 
 
 @torch.no_grad()
@@ -53,6 +68,11 @@ def build_token_targets(
     reversed. The results live on ``values.device`` in ``values``' float type (at least
     float32). Targets are constants: no autograd graph.
 
+    This is :func:`check_target_inputs`, :func:`crop_weights` and
+    :func:`targets_from_weights` in one call. The training step calls them apart: the
+    checks and the weights on the loader's CPU tensors (their data-dependent sizes and
+    verdicts cost no device synchronisation there), the last on the device.
+
     Memory: the scattered map is held densely as ``[B, H, W, C]`` (166 MB for an 18x18
     map at B = 128, C = 1000, fp32), next to the ``[B, S*S, C]`` result (100 MB at S = 14,
     524 MB at S = 32) and one ``[B, S, W, C]`` intermediate; softmax and smoothing run in
@@ -61,12 +81,44 @@ def build_token_targets(
     per sample (as much as the dense map at k = 5, S = 14; 5x at S = 32) and relies on
     atomics that are non-deterministic on GPU.
     """
-    _check_inputs(values, indices, map_boxes, crop_boxes, flips, num_classes, out_size, smoothing)
+    check_target_inputs(values, indices, map_boxes, crop_boxes, flips, num_classes, out_size, smoothing)
+    weights = crop_weights(map_boxes, crop_boxes, flips, tuple(values.shape[2:]), out_size, sampling_ratio)
+    return targets_from_weights(values, indices, weights.to(values.device), num_classes, smoothing)
+
+
+def crop_weights(
+    map_boxes: Tensor,
+    crop_boxes: Tensor,
+    flips: Tensor,
+    map_size: tuple[int, int],
+    out_size: int,
+    sampling_ratio: int = -1,
+) -> CropWeights:
+    """The RoIAlign factors of each crop out of an ``H x W`` map, for the class target
+    (``1 x 1``) and the token targets (``out_size x out_size``), on the boxes' device.
+
+    The adaptive sample grid is sized from the data (``int(count.max())``): keep the boxes
+    on the CPU, where they come from the loader, so that costs no device synchronisation.
+    """
+    boxes = (map_boxes, crop_boxes, flips, map_size)
+    return CropWeights(*_roi_align_weights(*boxes, 1, sampling_ratio),
+                       *_roi_align_weights(*boxes, out_size, sampling_ratio))
+
+
+@torch.no_grad()
+def targets_from_weights(
+    values: Tensor, indices: Tensor, weights: CropWeights, num_classes: int, smoothing: float = 0.1
+) -> tuple[Tensor, Tensor]:
+    """``cls [B, C]`` and ``tokens [B, S*S, C]`` from the top-k maps and the crops' weights.
+
+    Tensor operations only, shapes fixed by the inputs: no host synchronisation and no
+    data-dependent Python control flow, so ``torch.compile(fullgraph=True)`` takes it
+    whole. Indices are assumed in range (:func:`check_target_inputs` on the CPU).
+    """
     dtype = torch.promote_types(values.dtype, torch.float32)
     dense = _scatter_top_k(values, indices, num_classes, dtype)
-    boxes = (map_boxes, crop_boxes, flips)
-    cls_logits = _crop_logits(dense, *boxes, out_size=1, sampling_ratio=sampling_ratio)[:, 0]
-    token_logits = _crop_logits(dense, *boxes, out_size=out_size, sampling_ratio=sampling_ratio)
+    cls_logits = _pool(dense, weights.cls_rows, weights.cls_cols)[:, 0]
+    token_logits = _pool(dense, weights.token_rows, weights.token_cols)
     return _smooth_(_softmax_(cls_logits), smoothing), _smooth_(_softmax_(token_logits), smoothing)
 
 
@@ -79,23 +131,14 @@ def _scatter_top_k(values: Tensor, indices: Tensor, num_classes: int, dtype: tor
     )
 
 
-def _crop_logits(
-    dense: Tensor,
-    map_boxes: Tensor,
-    crop_boxes: Tensor,
-    flips: Tensor,
-    out_size: int,
-    sampling_ratio: int,
-) -> Tensor:
+def _pool(dense: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     """RoIAlign of each crop out of ``dense [B, H, W, C]`` to ``[B, S*S, C]``.
 
     Per class, ``rows [S, H] @ map [H, W] @ cols [S, W]^T``: one bmm over rows, one
     broadcast matmul over columns.
     """
     batch, height, width, classes = dense.shape
-    rows, cols = _roi_align_weights(
-        map_boxes, crop_boxes, flips, (height, width), out_size, sampling_ratio
-    )
+    out_size = rows.shape[1]
     by_rows = torch.bmm(rows.to(dense), dense.view(batch, height, width * classes))
     by_rows = by_rows.view(batch, out_size, width, classes)
     return torch.matmul(cols.to(dense).unsqueeze(1), by_rows).view(batch, out_size**2, classes)
@@ -180,7 +223,7 @@ def _axis_weights(lo: Tensor, hi: Tensor, size: int, out_size: int, sampling_rat
     return weights.sum(dim=2)
 
 
-def _check_inputs(
+def check_target_inputs(
     values: Tensor,
     indices: Tensor,
     map_boxes: Tensor,
@@ -190,7 +233,11 @@ def _check_inputs(
     out_size: int,
     smoothing: float,
 ) -> None:
-    """Fail with the offending argument named: a bad index on GPU is an opaque device assert."""
+    """Fail with the offending argument named: a bad index on GPU is an opaque device assert.
+
+    The verdicts read the data (box edges, index range): on the loader's CPU tensors that
+    costs no device synchronisation, so the training step checks before moving them.
+    """
     if values.dim() != 4 or not values.is_floating_point():
         raise ValueError(
             f"values must be a float [B, k, H, W] tensor, got {values.dtype} {tuple(values.shape)}"

@@ -8,7 +8,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from lvvit.export.triton import TensorSpec, config_text
 
 from lvvit.data.transforms import normalize
 from lvvit.models import create_model
+from lvvit.ports import free_port
 
 TINY = {"embed_dim": 48, "depth": 2, "num_heads": 2, "stem_width": 16}
 TINY_FLAGS = ["--model", "lvvit_t", "--img-size", "64", "--embed-dim", "48", "--depth", "2",
@@ -321,12 +321,6 @@ def test_bad_inputs_fail_fast_and_name_the_culprit(workdir, checkpoint):
     proc = export(*TINY_FLAGS, "--out", str(workdir / "never"), "--triton-repo", str(taken))
     assert proc.returncode == 1 and "lvvit_onnx already exists; pass --overwrite" in proc.stderr
     assert not (workdir / "never").exists()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 DEEPSPEED_SAVE = """

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tarfile
@@ -24,7 +23,8 @@ from lvvit.labeling.labeler import Labeler, eval_box
 from lvvit.labeling.smallcnn import SmallCNN, SmallCNNConfig, load_small_cnn, save_small_cnn
 from lvvit.labeling.tarsamples import TarSample, iter_tar_samples
 from lvvit.labeling.teacher import DenseCNNTeacher, LVViTDenseTeacher, build_teacher
-from lvvit.models import create_model
+from lvvit.models import ClassCountMismatch, create_model
+from lvvit.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -136,12 +136,6 @@ def teacher_file(tmp_path_factory) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_dense_cnn_adapter_is_fc_at_every_location():
     torch.manual_seed(0)
     model = SmallCNN(SmallCNNConfig(num_classes=7, widths=(8, 16, 24))).eval()
@@ -188,6 +182,11 @@ def test_lvvit_teacher_loads_from_checkpoint(tmp_path):
     teacher = build_teacher("lvvit_t", tmp_path / "lvvit.pt", img_size=64, num_classes=NUM_CLASSES, **tiny)
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(teacher(x), LVViTDenseTeacher(model)(x))
+    # Without --num-classes the file's classifier decides; another count is refused, since a
+    # re-initialised head would write noise into every label map.
+    assert build_teacher("lvvit_t", tmp_path / "lvvit.pt", img_size=64, **tiny).model.num_classes == NUM_CLASSES
+    with pytest.raises(ClassCountMismatch, match=rf"lvvit\.pt: the checkpoint has {NUM_CLASSES} classes"):
+        build_teacher("lvvit_t", tmp_path / "lvvit.pt", img_size=64, num_classes=NUM_CLASSES + 1, **tiny)
 
 
 def test_small_cnn_checkpoint_round_trip(tmp_path, teacher_file):
@@ -230,7 +229,7 @@ def _launch_two_ranks(args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     cmd = [
-        str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+        str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
         "--module", "lvvit.labeling.cli", *args,
     ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

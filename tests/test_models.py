@@ -13,9 +13,12 @@ import torch.nn.functional as F
 
 from lvvit.models import (
     CheckpointError,
+    ClassCountMismatch,
     create_model,
     load_checkpoint,
     model_config,
+    model_from_checkpoint,
+    read_checkpoint,
     read_state_dict,
     resize_pos_embed,
 )
@@ -270,6 +273,37 @@ def test_class_count_mismatch_reinitialises_heads(tmp_path, caplog):
         assert head.weight.shape == (7, 48)
         assert torch.all(head.bias == 0)
         assert head.weight.std().item() == pytest.approx(0.02, rel=0.2)
+
+
+def test_model_from_checkpoint_reads_the_file_once(tmp_path):
+    """The builder takes what ``read_checkpoint`` read: the file is not opened again."""
+    source = tiny(num_classes=7)
+    path = tmp_path / "ours.pth"
+    torch.save({"state_dict": source.state_dict(), "model_args": {"name": "lvvit_t", "num_classes": 7}}, path)
+    checkpoint = read_checkpoint(path)
+    path.unlink()
+    model = model_from_checkpoint("lvvit_t", checkpoint, img_size=64, **TINY)
+    assert checkpoint.model_args == {"name": "lvvit_t", "num_classes": 7}
+    assert model.num_classes == 7  # no count asked for: the file's classifier decides
+    assert torch.equal(model.head.weight, source.head.weight)
+    assert torch.equal(model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+
+
+def test_model_from_checkpoint_head_policy(tmp_path):
+    """Keeping classes (eval, export, teacher) refuses another count and names the file;
+    fine-tuning to a new label set re-initialises both heads and keeps the rest."""
+    source = tiny(num_classes=7)
+    path = tmp_path / "seven.pth"
+    torch.save(source.state_dict(), path)
+    checkpoint = read_checkpoint(path)
+    with pytest.raises(ClassCountMismatch, match=r"seven\.pth: the checkpoint has 7 classes, the model 3") as err:
+        model_from_checkpoint("lvvit_t", checkpoint, img_size=64, num_classes=3, **TINY)
+    assert err.value.found == 7
+    model = model_from_checkpoint("lvvit_t", checkpoint, img_size=64, num_classes=3, keep_classes=False, **TINY)
+    assert model.head.weight.shape == model.aux_head.weight.shape == (3, 48)
+    assert torch.all(model.head.bias == 0)
+    assert torch.equal(model.norm.weight, source.norm.weight)
+    assert model_from_checkpoint("lvvit_t", None, img_size=64, **TINY).num_classes == 1000
 
 
 def test_reset_classifier_keeps_dtype_and_config():

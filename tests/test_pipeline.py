@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import tarfile
@@ -22,6 +21,7 @@ from test_transforms import GEOMETRIC, MAP_BOX, painted_jpeg, painted_label_map,
 from lvvit.data.labelmap import encode_tlm
 from lvvit.data.pipeline import eval_loader, train_loader
 from lvvit.data.transforms import RandAugment
+from lvvit.ports import free_port
 from lvvit.targets import build_token_targets
 
 JPEG = painted_jpeg(120, 90)
@@ -200,17 +200,11 @@ dist.destroy_process_group()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_ranks_get_equal_steps_and_split_eval(tmp_path: Path) -> None:
     root = write_shards(tmp_path / "d", [7, 5, 9], bad_jpeg=(4,))
     out = tmp_path / "ranks.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     script = textwrap.dedent(RANK_SCRIPT)
     procs = [
         subprocess.Popen([sys.executable, "-c", script, str(root), str(out)], env={**env, "RANK": str(rank)})

@@ -24,11 +24,12 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from lvvit.serving.process import ServerProcess, console_script, free_port, scrape
+from lvvit.serving.process import ServerProcess, console_script, scrape
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from lvvit.bench.serve import TINY_EXPORT_FLAGS, lvvit_export
+from lvvit.ports import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from test_train import COMMON, REPO, TINY_ARGS, VENV_BIN, command, free_port, write_shards
+from test_train import COMMON, REPO, TINY_ARGS, VENV_BIN, command, write_shards
 
 from lvvit.models import create_model
+from lvvit.ports import free_port
 
 pytestmark = pytest.mark.slow
 

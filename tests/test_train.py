@@ -32,6 +32,7 @@ from lvvit.data.labelmap import LabelMap, encode_tlm
 from lvvit.data.pipeline import eval_loader
 from lvvit.data.transforms import normalize
 from lvvit.models import create_model
+from lvvit.ports import free_port
 from lvvit.train.checkpointing import EMA_FILE
 from lvvit.train.schedule import WarmupCosineSchedule
 
@@ -48,12 +49,6 @@ COMMON = [*TINY, "--micro-batch", "8", "--epochs", "2", "--cooldown-epochs", "1"
           "--lr", "3e-3", "--min-lr", "1e-4", "--workers", "0", "--log-every", "1", "--save-every", "4",
           "--keep", "2", "--randaug-magnitude", "2", "--reprob", "0", "--no-system-metrics"]
 TOTAL_STEPS = 36
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def jpeg(colour: tuple[int, int, int], rng: np.random.Generator) -> bytes:

@@ -189,6 +189,7 @@ def shard_folder(tmp_path: Path, total: int) -> Path:
     folder.mkdir()
     (folder / "manifest.json").write_text(json.dumps({"shards": [{"name": "a.tar", "samples": total}],
                                                       "total": total}))
+    (folder / "a.tar").touch()  # the source resolver refuses a listed shard that is missing
     return folder
 
 

@@ -16,18 +16,29 @@ an 18 x 18 top-5 label map moved with the geometric ops), and the bytes of our `
 record against the official ``torch.save`` maps (``lvvit.data.label_bytes``). Speed is
 images per CPU second of the one process (one thread), i.e. per worker process; rounds
 alternate the pipelines and the median round counts.
+
+``--source http`` measures the shard source instead: the same images in shards on local
+disk and served by a loopback HTTP server that the benchmark starts, read by the real
+training loader (resampled shards, shuffle buffer, full train transform); wall-clock
+images/s of each, rounds alternating, and the ratio http / local.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import http.server
 import io
+import json
 import platform
 import random
 import statistics
+import tempfile
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,6 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per pipeline; the median counts (default 5)")
     parser.add_argument("--passes", type=int, default=2, help="passes over the images per round (default 2)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--source", choices=("memory", "http"), default="memory",
+                        help="memory: per-worker transform speed (default); http: the training loader over "
+                        "shards on local disk vs the same shards through a loopback HTTP server")
+    parser.add_argument("--workers", type=int, default=2, help="loader processes with --source http (default 2)")
 
 
 def sample_jpegs(n: int, seed: int = 0) -> list[bytes]:
@@ -128,7 +143,71 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def write_bench_shards(folder: Path, jpegs: list[bytes], per_shard: int) -> None:
+    """The JPEGs as shards with ``manifest.json`` (docs/format.md), class = index mod 10."""
+    import webdataset as wds
+
+    entries = []
+    for start in range(0, len(jpegs), per_shard):
+        name = f"bench-{start // per_shard:06d}.tar"
+        chunk = jpegs[start : start + per_shard]
+        with wds.TarWriter(str(folder / name)) as sink:
+            for i, data in enumerate(chunk, start):
+                sink.write({"__key__": f"s{i:06d}", "jpg": data, "cls": str(i % 10).encode()})
+        entries.append({"name": name, "samples": len(chunk)})
+    (folder / "manifest.json").write_text(json.dumps({"shards": entries, "total": len(jpegs)}))
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+def _loader_rate(spec: str, args: argparse.Namespace, steps: int) -> float:
+    """Wall-clock images/s of one epoch of the training loader over ``spec``."""
+    from lvvit.data.pipeline import train_loader
+
+    loader = train_loader(spec, batch_size=32, img_size=args.img_size, num_workers=args.workers,
+                          shuffle_buffer=256, steps_per_epoch=steps, seed=args.seed, label_maps=False)
+    start = time.perf_counter()
+    images = sum(batch["images"].shape[0] for batch in loader)
+    return images / (time.perf_counter() - start)
+
+
+def run_http(args: argparse.Namespace) -> None:
+    """Local shards vs the same shards over loopback HTTP, in one run, rounds alternating."""
+    torch.set_num_threads(1)
+    jpegs = sample_jpegs(args.images, args.seed)
+    with tempfile.TemporaryDirectory(prefix="lvvit-bench-") as tmp:
+        folder = Path(tmp)
+        write_bench_shards(folder, jpegs, per_shard=max(1, len(jpegs) // 8))
+        handler = functools.partial(_QuietHandler, directory=str(folder))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        specs = {"local": str(folder), "http": f"http://127.0.0.1:{server.server_port}/"}
+        steps = max(1, args.passes * len(jpegs) // 32)
+        print(f"machine: {_cpu_name()}; {len(jpegs)} JPEGs in 8 shards, {args.workers} loader workers, "
+              f"batch 32 at {args.img_size}, {steps} batches per round")
+        try:
+            for spec in specs.values():  # warm-up: imports, page cache
+                _loader_rate(spec, args, 2)
+            rates: dict[str, list[float]] = {name: [] for name in specs}
+            for r in range(args.rounds):
+                for name, spec in specs.items():
+                    rates[name].append(_loader_rate(spec, args, steps))
+                print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {v[-1]:.1f} img/s" for n, v in rates.items()))
+        finally:
+            server.shutdown()
+            server.server_close()
+    local, remote = statistics.median(rates["local"]), statistics.median(rates["http"])
+    print(f"\ntraining loader, images/s (median of rounds): local disk {local:.1f}, loopback HTTP {remote:.1f}")
+    print(f"speed ratio (http / local; target >= 0.9x): {remote / local:.2f}x")
+
+
 def run(args: argparse.Namespace) -> None:
+    if args.source == "http":
+        run_http(args)
+        return
     torch.set_num_threads(1)  # one worker process = one core
     size = args.img_size
     print(f"machine: {_cpu_name()}, {torch.get_num_threads()} thread per worker; Pillow {Image.__version__}")

@@ -1,6 +1,10 @@
 """Training step time: DeepSpeed ZeRO-2 (one rank) against plain PyTorch, same model,
 same AdamW, same batch, measured interleaved in one process so machine noise hits both.
 
+Both sides run ``lvvit.train.step.train_step``, the step ``train.py`` runs (targets from
+label maps, model, token-labeling loss, backward, update), plus the EMA update: DeepSpeed
+through its engine, PyTorch through ``PlainEngine``.
+
 On CPU (default here) it runs a tiny LV-ViT in fp32 and prints ``ratio = deepspeed /
 pytorch`` last (target <= 1.10). With ``--gpu`` it measures images/s and model FLOPs
 utilisation (MFU) of real variants in bf16 under DeepSpeed ZeRO-2, e.g. LV-ViT-S @224 and
@@ -18,7 +22,9 @@ import torch
 
 from lvvit.loss import TokenLabelingLoss
 from lvvit.models import create_model
+from lvvit.train.ema import ModelEma
 from lvvit.train.loop import ensure_dist_env, param_groups
+from lvvit.train.step import Objective, PlainEngine, train_step
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 """Dense bf16 tensor-core peaks (vendor datasheets, no sparsity)."""
@@ -39,16 +45,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-models", default="lvvit_s@224:256,lvvit_l@448:32",
                         help="NAME@SIZE:BATCH, comma separated")
     parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model and the loss (both sides)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak (default: by name)")
 
 
-def _step_fn(model, optimizer_step, backward, images, labels, loss_fn):
+def _batch(batch: int, img_size: int, num_classes: int, map_size: int = 7, top_k: int = 5) -> dict:
+    """A loader-shaped CPU batch with random label maps and crops, fixed for every step."""
+    g = torch.Generator().manual_seed(0)
+    lo = torch.rand(batch, 2, generator=g) * 0.4
+    size = 0.3 + torch.rand(batch, 2, generator=g) * 0.3
+    return {
+        "images": torch.randint(0, 256, (batch, 3, img_size, img_size), dtype=torch.uint8, generator=g),
+        "labels": torch.randint(0, num_classes, (batch,), generator=g),
+        "tlm_values": torch.randn(batch, top_k, map_size, map_size, generator=g),
+        "tlm_indices": torch.randint(0, num_classes, (batch, top_k, map_size, map_size), generator=g),
+        "map_boxes": torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(batch, 4).contiguous(),
+        "crop_boxes": torch.cat([lo, lo + size], dim=1),
+        "flips": torch.rand(batch, generator=g) < 0.5,
+    }
+
+
+def _timed_step(engine, objective: Objective, batch: dict, ema: ModelEma):
+    """One optimizer step as ``train.py`` takes it: ``train_step``, then the EMA update."""
     def step() -> None:
-        loss = loss_fn(model(images), labels).loss
-        backward(loss)
-        optimizer_step()
+        train_step(engine, objective, [batch])
+        ema.update()
 
     return step
+
+
+def _objective(model, compiled: bool, device: str, dtype: torch.dtype) -> Objective:
+    loss_fn = TokenLabelingLoss()
+    return Objective(loss_fn=torch.compile(loss_fn) if compiled else loss_fn, num_classes=model.cfg.num_classes,
+                     token_grid=model.cfg.grid_size, smoothing=0.1, device=torch.device(device), dtype=dtype)
 
 
 def _time(step, n: int, sync) -> list[float]:
@@ -90,21 +119,18 @@ def run_cpu(args: argparse.Namespace) -> float:
     plain = create_model(args.model, **kwargs)
     ds_model = create_model(args.model, **kwargs)
     ds_model.load_state_dict(plain.state_dict())
-    images = torch.randn(args.batch, 3, args.img_size, args.img_size)
-    labels = torch.randint(0, 100, (args.batch,))
-    loss_fn = TokenLabelingLoss()
-
-    opt = torch.optim.AdamW(param_groups(plain, 0.05), lr=1e-4)
-
-    def plain_step() -> None:
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    batch = _batch(args.batch, args.img_size, 100)
+    plain_engine = PlainEngine(plain, torch.optim.AdamW(param_groups(plain, 0.05), lr=1e-4))
     engine, *_ = deepspeed.initialize(model=ds_model, model_parameters=param_groups(ds_model, 0.05),
                                       config=_ds_config(args.batch, bf16=False))
+    if args.compile:
+        plain.compile()
+        engine.compile()
     sides = {
-        "pytorch": _step_fn(plain, plain_step, lambda loss: loss.backward(), images, labels, loss_fn),
-        "deepspeed": _step_fn(engine, engine.step, engine.backward, images, labels, loss_fn),
+        "pytorch": _timed_step(plain_engine, _objective(plain, args.compile, "cpu", torch.float32), batch,
+                               ModelEma(plain, 0.99992)),
+        "deepspeed": _timed_step(engine, _objective(ds_model, args.compile, "cpu", torch.float32), batch,
+                                 ModelEma(engine.module, 0.99992)),
     }
     times: dict[str, list[float]] = {k: [] for k in sides}
     for step in sides.values():
@@ -117,7 +143,8 @@ def run_cpu(args: argparse.Namespace) -> float:
     med = {k: statistics.median(v) for k, v in times.items()}
     params = sum(p.numel() for p in plain.parameters())
     print(f"{args.model} {params / 1e6:.2f}M params @{args.img_size}, batch {args.batch}, fp32 CPU, "
-          f"threads {torch.get_num_threads()}, {len(times['pytorch'])} steps per side")
+          f"threads {torch.get_num_threads()}, {len(times['pytorch'])} steps per side"
+          f"{', compiled' if args.compile else ''} (train_step: targets, model, loss, update, EMA)")
     for name, t in med.items():
         print(f"  {name:10s} median step {1000 * t:8.2f} ms  {args.batch / t:8.1f} img/s")
     ratio = med["deepspeed"] / med["pytorch"]
@@ -151,25 +178,27 @@ def run_gpu(args: argparse.Namespace) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("--gpu needs CUDA (torch.cuda.is_available() is False)")
     peak = _peak_tflops(args) * 1e12
-    loss_fn = TokenLabelingLoss()
     for spec in args.gpu_models.split(","):
         name, rest = spec.split("@")
-        size, batch = (int(v) for v in rest.split(":"))
+        size, batch_size = (int(v) for v in rest.split(":"))
         model = create_model(name, img_size=size).cuda()
         if args.grad_checkpointing:
             model.set_grad_checkpointing(True)
-        images = torch.randn(batch, 3, size, size, device="cuda", dtype=torch.bfloat16)
-        labels = torch.randint(0, 1000, (batch,), device="cuda")
-        flops = forward_flops(model.eval(), images[:1].float()) * (4 if args.grad_checkpointing else 3)
+        batch = {k: v.pin_memory() for k, v in _batch(batch_size, size, model.cfg.num_classes).items()}
+        images = torch.randn(1, 3, size, size, device="cuda")
+        flops = forward_flops(model.eval(), images) * (4 if args.grad_checkpointing else 3)
         model.train()
         engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.05),
-                                          config=_ds_config(batch, bf16=True))
-        step = _step_fn(engine, engine.step, engine.backward, images, labels, loss_fn)
+                                          config=_ds_config(batch_size, bf16=True))
+        if args.compile:
+            engine.compile()
+        step = _timed_step(engine, _objective(model, args.compile, "cuda", torch.bfloat16), batch,
+                           ModelEma(engine.module, 0.99992))
         _time(step, args.warmup, torch.cuda.synchronize)
         t = statistics.median(_time(step, args.steps, torch.cuda.synchronize))
-        ips = batch / t
-        print(f"{name} @{size} batch {batch} bf16 ZeRO-2: {ips:8.1f} img/s, "
-              f"{flops / 1e9:.1f} GFLOP/img (train), MFU {100 * ips * flops / peak:.1f}%")
+        ips = batch_size / t
+        print(f"{name} @{size} batch {batch_size} bf16 ZeRO-2{' compiled' if args.compile else ''}: "
+              f"{ips:8.1f} img/s, {flops / 1e9:.1f} GFLOP/img (train), MFU {100 * ips * flops / peak:.1f}%")
         del engine, model
         torch.cuda.empty_cache()
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from lvvit.data.shards import CLASS_ORDERS, DEFAULT_MAX_PIXELS
+from lvvit.data.source import DEFAULT_RETRIES, DEFAULT_TIMEOUT, Access
 
 _SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -73,7 +74,7 @@ def _add_preview(sub) -> None:
         description="Top-1 class per cell as a colour, its softmax score as opacity, over the box "
         "the map covers; --crop adds a random training crop and the token targets it gets.",
     )
-    p.add_argument("shards", metavar="SHARDS", help="shard folder (with manifest.json), a manifest, or one .tar")
+    add_source(p)
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--n", type=int, default=16, help="samples to show (default: 16)")
     p.add_argument("--crop", action="store_true", help="also show a random crop and its token targets")
@@ -90,7 +91,27 @@ def _add_info(sub) -> None:
         "truncated or damaged tar, or one whose count differs from manifest.json, is named and the "
         "exit status is 1.",
     )
-    p.add_argument("shards", metavar="SHARDS", help="shard folder (with manifest.json), a manifest, or one .tar")
+    add_source(p)
+
+
+def add_source(parser: argparse.ArgumentParser) -> None:
+    """The shard source positional and how to reach it (lvvit.data.source)."""
+    parser.add_argument("shards", metavar="SHARDS",
+                        help="shard source: a folder (with manifest.json), a manifest, one .tar, a brace pattern, "
+                        "http(s):// URLs or patterns, pipe:COMMAND, s3:// or gs:// URLs")
+    parser.add_argument("--manifest", default=None,
+                        help="manifest.json with the shards' sample counts (default: the one beside them)")
+    parser.add_argument("--shard-timeout", type=float, default=DEFAULT_TIMEOUT,
+                        help=f"seconds one connect or read of a remote shard may take (default: {DEFAULT_TIMEOUT:g})")
+    parser.add_argument("--shard-retries", type=int, default=DEFAULT_RETRIES,
+                        help=f"retries of a failed remote read, with backoff (default: {DEFAULT_RETRIES})")
+
+
+def _open_source(args):
+    """The source of ``args.shards``; errors name it."""
+    from lvvit.data.source import resolve
+
+    return resolve(args.shards, args.manifest, Access(args.shard_timeout, args.shard_retries))
 
 
 def _build(args) -> int:
@@ -154,7 +175,7 @@ def _preview(args) -> int:
     from lvvit.data.shards import ShardReadError
 
     try:
-        width, height = render_preview(args.shards, args.out, n=args.n, crop=args.crop, tile=args.tile,
+        width, height = render_preview(_open_source(args), args.out, n=args.n, crop=args.crop, tile=args.tile,
                                        tokens=args.tokens, seed=args.seed)
     except (ShardReadError, LabelMapError, FileNotFoundError, ValueError) as exc:
         print(f"lvvit-shards: error: {exc}", file=sys.stderr)
@@ -165,48 +186,56 @@ def _preview(args) -> int:
 
 def _info(args) -> int:
     from lvvit.data.labelmap import LabelMapError
-    from lvvit.data.preview import load_class_names
-    from lvvit.data.shards import ShardReadError, listed_counts, shard_paths
+    from lvvit.data.shards import ShardReadError
 
     try:
-        paths = shard_paths(args.shards)
-        listed = listed_counts(args.shards)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
+        source = _open_source(args)
+    except (FileNotFoundError, ValueError) as exc:  # SourceError is a ValueError
         print(f"lvvit-shards: error: {exc}", file=sys.stderr)
         return 1
-    counts, damaged = _verify_all(paths, listed)
-    print(f"shards: {len(paths)}  samples: {sum(counts)}  classes: {len(load_class_names(args.shards)) or '?'}")
+    counts, damaged = _verify_all(source)
+    classes = source.classes
+    print(f"shards: {len(source.urls)}  samples: {sum(counts)}  classes: {len(classes) if classes else '?'}")
     for reason in damaged:
         print(f"damaged: {reason}")
     if damaged:
-        print(f"lvvit-shards: error: {len(damaged)} of {len(paths)} shards are damaged", file=sys.stderr)
+        print(f"lvvit-shards: error: {len(damaged)} of {len(source.urls)} shards are damaged", file=sys.stderr)
         return 1
     try:
-        _describe_first_sample(paths)
+        _describe_first_sample(source)
     except (ShardReadError, LabelMapError) as exc:
         print(f"lvvit-shards: error: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-def _verify_all(paths: list[Path], listed: dict[str, int]) -> tuple[list[int], list[str]]:
-    """Sample counts of the readable shards, and why each other one is damaged."""
+def _verify_all(source) -> tuple[list[int], list[str]]:
+    """Sample counts of the readable shards (each read to its end-of-archive block), and why
+    each other one is damaged: missing, truncated, unreachable, or not the manifest's count."""
     from lvvit.data.shards import ShardReadError, verify_shard
+    from lvvit.data.source import is_remote
+    from lvvit.labeling.tarsamples import iter_tar_samples
 
     counts, damaged = [], []
-    for path in paths:
+    for url, expected in zip(source.urls, source.counts or [None] * len(source.urls), strict=True):
         try:
-            counts.append(verify_shard(path, listed.get(path.name)))
+            if not is_remote(url):
+                counts.append(verify_shard(Path(url), expected))  # headers only: fast on local disk
+                continue
+            count = sum(1 for _ in iter_tar_samples(url, source.open))
+            if expected is not None and count != expected:
+                raise ShardReadError(f"shard {url} holds {count} samples, {source.manifest} says {expected}")
+            counts.append(count)
         except ShardReadError as exc:
             damaged.append(str(exc))
     return counts, damaged
 
 
-def _describe_first_sample(paths: list[Path]) -> None:
+def _describe_first_sample(source) -> None:
     from lvvit.data.labelmap import decode_tlm
-    from lvvit.data.shards import iter_shard
+    from lvvit.data.preview import first_samples
 
-    first = next(iter_shard(paths[0]), None) if paths else None
+    first = next(iter(first_samples(source, 1)), None)
     if first is None:
         return
     print(f"members: {', '.join(sorted(k for k in first if k != '__key__'))}  first key: {first['__key__']}")

@@ -10,20 +10,25 @@ batches. Rank ``r`` owns a contiguous block of ``ceil(N / world)`` sample slots;
 batches are padded, and the ``valid`` key masks padding (and samples that failed to decode)
 out of the metrics.
 
+Shards come from a :class:`~lvvit.data.source.ShardSource` (a local folder or pattern,
+``http(s)://``, ``pipe:``, object-store URLs); a pattern naming a subset gives the counts
+of exactly that subset.
+
 Corrupt samples (a JPEG that does not decode, a ``tlm`` that does not parse, a missing
 field) are skipped, collected with their shard and key in :attr:`BatchLoader.skipped`, and
-logged at the end of each epoch. A missing shard is an error that names it.
+logged at the end of each epoch. In training, a shard that stays unreachable (404, refused,
+timed out) is skipped the same way and reported by URL with key ``<shard>``; in evaluation,
+where a silent skip would change the metric, it is an error naming the URL. A missing
+local shard is an error that names it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
 import tarfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -32,9 +37,16 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import (
+    base_plus_ext,
+    group_by_keys,
+    tar_file_expander,
+    tar_file_iterator,
+)
 from webdataset.utils import pytorch_worker_info
 
 from lvvit.data.labelmap import LabelMapError, decode_tlm
+from lvvit.data.source import ShardSource, ShardUnavailable, as_source
 from lvvit.data.transforms import EvalTransform, RandAugment, TrainTransform
 
 log = logging.getLogger(__name__)
@@ -56,7 +68,14 @@ SKIPPED = "_skipped"
 """Batch key carrying skip records from the workers; :class:`BatchLoader` pops it."""
 
 
+SHARD_KEY = "<shard>"
+"""``SkippedSample.key`` of a whole shard that could not be read."""
+
+
 class SkippedSample(NamedTuple):
+    """A sample (or, with key ``<shard>``, a whole shard) left out, and why; the one skip
+    record of the loaders and the labeler."""
+
     shard: str
     key: str
     reason: str
@@ -84,39 +103,15 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-@dataclass(frozen=True)
-class ShardSet:
-    """Shards listed by ``manifest.json`` (docs/contracts.md, "Shards"), all present."""
-
-    paths: tuple[Path, ...]
-    counts: tuple[int, ...]
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts)
-
-    @classmethod
-    def from_dir(cls, root: str | Path) -> ShardSet:
-        root = Path(root)
-        manifest = root / "manifest.json" if root.is_dir() else root
-        if not manifest.is_file():
-            raise FileNotFoundError(f"no shard manifest at {manifest}")
-        entries = json.loads(manifest.read_text())["shards"]
-        paths = tuple(manifest.parent / entry["name"] for entry in entries)
-        missing = [str(path) for path in paths if not path.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{len(missing)} shard(s) listed in {manifest} are missing: {', '.join(missing)}")
-        if not paths:
-            raise ValueError(f"{manifest} lists no shards")
-        return cls(paths, tuple(int(entry["samples"]) for entry in entries))
-
-
-def has_label_maps(shard: Path) -> bool:
-    """Whether the first sample of ``shard`` carries a ``tlm`` member."""
-    with tarfile.open(shard) as tar:
+def has_label_maps(source: ShardSource) -> bool:
+    """Whether the first sample of the first shard carries a ``tlm`` member; members are
+    grouped into samples by webdataset's rule (``base_plus_ext``), as everywhere."""
+    with source.open(source.urls[0]) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
         first, suffixes = None, set()
         for member in tar:
-            key, _, suffix = member.name.partition(".")
+            key, suffix = base_plus_ext(member.name)
+            if key is None:
+                continue
             if first is not None and key != first:
                 break
             first = key
@@ -167,12 +162,16 @@ class BatchLoader:
 MAX_SKIPS_IN_A_ROW = 500
 """Resampling never runs out of samples, so a dataset whose every sample fails (say, maps
 expected but absent) would hang; this many failures in a row is an error instead."""
+MAX_SHARDS_WITHOUT_SAMPLES = 16
+"""Likewise for shards: this many shards in a row that give no sample (the server is gone,
+every shard is empty) is an error."""
 
 
 class _TrainStage:
-    """Decode and collate for one worker; one object so that both see the same skip list."""
+    """Open, decode and collate for one worker; one object so that all see the same skip list."""
 
-    def __init__(self, transform: TrainTransform, label_maps: bool, seed: int, rank: int) -> None:
+    def __init__(self, source: ShardSource, transform: TrainTransform, label_maps: bool, seed: int, rank: int) -> None:
+        self.source = source
         self.transform = transform
         self.label_maps = label_maps
         self.seed = seed
@@ -180,6 +179,46 @@ class _TrainStage:
         self.rng: random.Random | None = None
         self.skipped: list[SkippedSample] = []
         self.in_a_row = 0
+        self.shards_in_a_row = 0
+        self.last_url = ""
+        self.last_failure: BaseException | None = None
+
+    def open_shards(self, shards: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """webdataset's url-opener stage, through the source (retries, timeouts, cache)."""
+        for shard in shards:
+            url = shard["url"]
+            self.shards_in_a_row += 1
+            if self.shards_in_a_row > MAX_SHARDS_WITHOUT_SAMPLES:
+                last = self.skipped[-1].reason if self.skipped and self.skipped[-1].key == SHARD_KEY else "no sample"
+                raise RuntimeError(f"{MAX_SHARDS_WITHOUT_SAMPLES} shards in a row gave no sample; the last: "
+                                   f"{self.last_url} ({last})")
+            self.last_url = url
+            try:
+                stream = self.source.open(url)
+            except (ShardUnavailable, OSError) as error:
+                self.shard_failed(error, url)
+                continue
+            yield {**shard, "stream": stream}
+
+    def samples_arrived(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Pass-through after grouping: a shard that gives a sample ends a run of bad shards."""
+        for sample in samples:
+            self.shards_in_a_row = 0
+            yield sample
+
+    def shard_failed(self, error: BaseException, url: str | None = None) -> bool:
+        """webdataset's ``handler``: a shard that cannot be read (or stops midway) is
+        skipped and reported by URL; the samples it gave before stay in. webdataset calls
+        it first from inside the tar (no URL known yet: passed over here) and then, as the
+        broken stream fails again, from the shard level, with the URL."""
+        url = url or getattr(error, "url", None) or next((a for a in error.args if a in self.source.urls), None)
+        if url is None or error is self.last_failure:
+            return True
+        self.last_failure = error
+        reason = getattr(error, "message", None) or f"{type(error).__name__}: {error.args[0] if error.args else error}"
+        self.skipped.append(SkippedSample(url, SHARD_KEY, reason))
+        log.warning("skipping shard %s: %s", url, reason)
+        return True
 
     def _rng(self) -> random.Random:
         # Seeded lazily inside the worker: DataLoader draws a fresh worker seed from its
@@ -249,22 +288,27 @@ def train_loader(
     pin_memory: bool = False,
 ) -> BatchLoader:
     """Training batches (docs/contracts.md, "Training batch") from the shards of ``data``
-    (a folder with ``manifest.json``, or the manifest itself).
+    (a :class:`ShardSource`, or a spec for one: a folder with ``manifest.json``, the
+    manifest itself, a brace pattern, an ``http(s)://`` or ``pipe:`` pattern, ...).
 
     ``shuffle_buffer`` samples are mixed across shards (0 or 1: stream order).
     ``randaugment`` defaults to m9, mstd 0.5, 2 ops; pass ``RandAugment(num_ops=3)`` for
     LV-ViT-L, ``None`` for none. ``label_maps=None`` looks at the first
     sample of the first shard. Every rank gets ``steps_per_epoch`` batches, by default
-    ``total // (batch_size * world_size)``. The rank and world size come from RANK and
+    ``total // (batch_size * world_size)`` (a source without counts needs
+    ``steps_per_epoch``). Shards are drawn at random (resampled, seeded by ``seed``, rank
+    and worker) from the source's shards only. The rank and world size come from RANK and
     WORLD_SIZE or the initialised process group, as webdataset's ``split_by_node`` reads them.
     """
-    shards = ShardSet.from_dir(data)
+    source = as_source(data)
     rank, world = _split_rank(world_size)
-    steps = steps_per_epoch or shards.total // (batch_size * world)
+    if steps_per_epoch is None and source.total is None:
+        raise ValueError(f"no sample counts for {source.spec} (no manifest.json reachable); give steps_per_epoch")
+    steps = steps_per_epoch or source.total // (batch_size * world)
     if steps < 1:
-        raise ValueError(f"{shards.total} samples give no full batch of {batch_size} on each of {world} rank(s)")
+        raise ValueError(f"{source.total} samples give no full batch of {batch_size} on each of {world} rank(s)")
     if label_maps is None:
-        label_maps = has_label_maps(shards.paths[0])
+        label_maps = has_label_maps(source)
     transform = TrainTransform(
         img_size=img_size,
         scale=scale,
@@ -272,17 +316,20 @@ def train_loader(
         randaugment=randaugment,
         erase_prob=erase_prob,
     )
-    stage = _TrainStage(transform, label_maps, seed, rank)
-    dataset = wds.WebDataset(
-        [str(p) for p in shards.paths],
-        resampled=True,
-        shardshuffle=False,  # resampling draws shards at random already
-        nodesplitter=wds.split_by_node,
-        handler=wds.warn_and_continue,  # an unreadable tar member: warn, go on
+    stage = _TrainStage(source, transform, label_maps, seed, rank)
+    dataset = wds.DataPipeline(
+        wds.ResampledShards(list(source.urls), seed=seed, deterministic=True),
+        wds.split_by_node,
+        wds.split_by_worker,
+        stage.open_shards,
+        wds.pipelinefilter(tar_file_expander)(handler=stage.shard_failed),
+        wds.pipelinefilter(group_by_keys)(handler=stage.shard_failed),
+        stage.samples_arrived,
     )
     if shuffle_buffer > 1:
-        dataset = dataset.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100))
-    dataset = dataset.map(stage.decode).batched(batch_size, collation_fn=stage.collate, partial=False)
+        dataset.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed * 7919 + rank))
+    dataset.append(wds.map(stage.decode))
+    dataset.append(wds.batched(batch_size, collation_fn=stage.collate, partial=False))
     generator = torch.Generator().manual_seed(seed * 100_003 + rank)
     loader = wds.WebLoader(
         dataset,
@@ -301,31 +348,39 @@ class _EvalDataset(IterableDataset):
     """Rank ``rank``'s padded block of sample slots, as whole batches; DataLoader workers
     take contiguous runs of those batches, so each reads only the shards it needs."""
 
-    def __init__(self, shards: ShardSet, transform: EvalTransform, batch_size: int, rank: int, world: int) -> None:
+    def __init__(self, source: ShardSource, transform: EvalTransform, batch_size: int, rank: int, world: int) -> None:
         super().__init__()
-        self.shards = shards
+        self.source = source
+        self.counts = source.counts
         self.transform = transform
         self.batch_size = batch_size
-        per_rank = math.ceil(shards.total / world)
+        per_rank = math.ceil(source.total / world)
         self.num_batches = math.ceil(per_rank / batch_size)
         self.first = rank * per_rank  # global index of this rank's first slot
-        self.end = min(shards.total, self.first + per_rank)  # first index past its real samples
+        self.end = min(source.total, self.first + per_rank)  # first index past its real samples
 
     def _samples(self, lo: int, hi: int, skipped: list[SkippedSample]) -> Iterator[tuple[int, dict[str, Any]]]:
         """(global index, sample) for the samples ``lo <= index < hi``, in order."""
         offset = 0
-        for path, count in zip(self.shards.paths, self.shards.counts, strict=True):
+        for url, count in zip(self.source.urls, self.counts, strict=True):
             if offset + count > lo and offset < hi:
                 try:
-                    for position, sample in enumerate(wds.tariterators.tarfile_samples([{"url": str(path)}])):
+                    for position, sample in enumerate(self._shard_samples(url)):
                         index = offset + position
                         if position >= count or index >= hi:
                             break
                         if index >= lo:
                             yield index, sample
+                except ShardUnavailable as error:
+                    raise ShardUnavailable(f"eval shard {url} cannot be read: {error.args[0]}", url) from None
                 except (OSError, tarfile.TarError, ValueError) as error:
-                    skipped.append(SkippedSample(path.name, "<shard>", _reason(error)))
+                    skipped.append(SkippedSample(Path(url).name, SHARD_KEY, _reason(error)))
             offset += count
+
+    def _shard_samples(self, url: str) -> Iterator[dict[str, Any]]:
+        with self.source.open(url) as stream:
+            files = tar_file_iterator(stream)
+            yield from group_by_keys({**f, "__url__": url} for f in files)
 
     def _decode(self, sample: dict[str, Any], skipped: list[SkippedSample]) -> tuple[np.ndarray, int] | None:
         try:
@@ -336,8 +391,8 @@ class _EvalDataset(IterableDataset):
             return None
 
     def _shard_of(self, index: int) -> str:
-        offsets = np.cumsum(self.shards.counts)
-        return self.shards.paths[int(np.searchsorted(offsets, index, side="right"))].name
+        offsets = np.cumsum(self.counts)
+        return Path(self.source.urls[int(np.searchsorted(offsets, index, side="right"))]).name
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -386,11 +441,16 @@ def eval_loader(
     """Eval batches ``{"images": uint8 [B,3,S,S], "labels": int64 [B], "valid": bool [B]}``.
 
     Every rank gets ``ceil(ceil(N / world) / batch_size)`` batches; sum metrics over
-    ``valid`` samples only and all-reduce them, and each sample counts exactly once.
+    ``valid`` samples only and all-reduce them, and each sample counts exactly once. ``data``
+    is a :class:`ShardSource` or a spec for one; the split needs its manifest's counts. A
+    shard that cannot be read raises ``ShardUnavailable`` naming its URL.
     """
-    shards = ShardSet.from_dir(data)
+    source = as_source(data)
+    if source.counts is None:
+        raise ValueError(f"evaluating {source.spec} needs its per-shard sample counts for the exact split, "
+                         "and no manifest.json is reachable beside it; give one")
     found_rank, world = _split_rank(world_size)
     rank = found_rank if rank is None else rank
-    dataset = _EvalDataset(shards, EvalTransform(img_size, crop_pct), batch_size, rank, world)
+    dataset = _EvalDataset(source, EvalTransform(img_size, crop_pct), batch_size, rank, world)
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
     return BatchLoader(loader, dataset.num_batches, f"eval rank {rank}")

@@ -12,7 +12,6 @@ Colours go to the classes seen most in the grid; the legend names them.
 from __future__ import annotations
 
 import io
-import json
 import math
 import random
 from collections import Counter
@@ -23,8 +22,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from lvvit import atomic
 from lvvit.data.labelmap import LabelMap, decode_tlm
-from lvvit.data.shards import iter_shards, shard_paths
+from lvvit.data.source import ShardSource, as_source
+from lvvit.labeling.tarsamples import iter_tar_samples
 
 # 24 well-separated colours (Tableau 20 and 4 more); classes beyond them are grey.
 PALETTE = [
@@ -163,17 +164,25 @@ def _caption(sample: dict, names: list[str]) -> str:
     return f"{key[-28:]}\n#{label} {name[:26]}"
 
 
-def load_class_names(location: str | Path) -> list[str]:
+def class_names(source: ShardSource) -> list[str]:
     """Names from ``classes.json`` beside the shards ([] when there is none)."""
-    location = Path(location)
-    path = (location if location.is_dir() else location.parent) / "classes.json"
-    if not path.is_file():
-        return []
-    return [entry["name"] for entry in sorted(json.loads(path.read_text()), key=lambda e: e["index"])]
+    return [entry["name"] for entry in sorted(source.classes or [], key=lambda e: e["index"])]
+
+
+def first_samples(source: ShardSource, n: int) -> list[dict]:
+    """The first ``n`` samples of the source, read as a stream from its first shards."""
+    samples: list[dict] = []
+    for url in source.urls:
+        shard = iter_tar_samples(url, source.open)
+        samples += [sample.as_dict() for sample in islice(shard, n - len(samples))]
+        shard.close()
+        if len(samples) >= n:
+            break
+    return samples
 
 
 def render_preview(
-    shards: str | Path,
+    shards: str | Path | ShardSource,
     out: str | Path,
     n: int = 16,
     crop: bool = False,
@@ -181,12 +190,13 @@ def render_preview(
     tokens: int = 14,
     seed: int = 0,
 ) -> tuple[int, int]:
-    """Write the preview grid of the first ``n`` samples of ``shards`` to ``out`` (PNG);
-    returns its size."""
-    names = load_class_names(shards)
-    samples = list(islice(iter_shards(shard_paths(shards)), n))
+    """Write the preview grid of the first ``n`` samples of ``shards`` (a source or its
+    spec) to ``out`` (PNG); returns its size."""
+    source = as_source(shards)
+    names = class_names(source)
+    samples = first_samples(source, n)
     if not samples:
-        raise ValueError(f"no samples in {shards}")
+        raise ValueError(f"no samples in {source.spec}")
     num_classes = len(names) or 1000
     rng = random.Random(seed)
     panels: list[list[Tile]] = []
@@ -229,9 +239,6 @@ def _compose(panels, colours, names, out, tile, crop, count) -> tuple[int, int]:
         x, y = PAD + c * 180, top + r * LEGEND_ROW
         draw.rectangle((x, y + 2, x + 12, y + 14), fill=colour)
         draw.text((x + 18, y + 2), label[:26], fill=(230, 230, 230), font=font)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    canvas.save(tmp, format="PNG")
-    tmp.replace(out)
+    with atomic.atomic_path(Path(out)) as tmp:
+        canvas.save(tmp, format="PNG")
     return canvas.size

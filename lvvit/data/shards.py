@@ -34,7 +34,9 @@ from tqdm import tqdm
 from lvvit import atomic
 from lvvit.data.labelmap import LabelMap, LabelMapError, centre_square_box, encode_tlm
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff")
+"""Image file suffixes read from an ImageFolder and image members of a shard sample, in order
+of preference (``jpg`` is the shard contract's)."""
 JPEG_QUALITY = 95
 DEFAULT_MAX_PIXELS = 40_000_000
 """Images with more pixels are downscaled to this many: ImageNet's largest photo has
@@ -158,7 +160,7 @@ def scan_image_folder(root: str | Path, label_root: str | Path | None = None, cl
     scan = FolderScan(classes, [], [], [])
     seen = {}
     for label, class_dir in enumerate(classes):
-        images = [p for p in sorted((root / class_dir).rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        images = [p for p in sorted((root / class_dir).rglob("*")) if p.is_file() and p.suffix.lower()[1:] in IMAGE_EXTENSIONS]
         if not images:
             scan.empty_classes.append(class_dir)
         for path in images:
@@ -601,40 +603,6 @@ def count_shard_samples(path: str | Path) -> int:
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise ShardReadError(f"cannot read shard {path}: {type(exc).__name__}: {exc}") from exc
     return len(keys)
-
-
-def iter_shards(paths: Iterable[str | Path]) -> Iterator[dict]:
-    for path in paths:
-        yield from iter_shard(path)
-
-
-def shard_paths(location: str | Path) -> list[Path]:
-    """Shard files of a folder (via its manifest when present), a manifest, or one tar."""
-    location = Path(location)
-    manifest = location / "manifest.json" if location.is_dir() else location
-    if manifest.suffix == ".json":
-        if not manifest.is_file():
-            tars = sorted(location.glob("*.tar")) if location.is_dir() else []
-            if tars:
-                return tars
-            raise FileNotFoundError(f"no manifest.json or .tar shards in {location}")
-        entries = json.loads(manifest.read_text())["shards"]
-        return [manifest.parent / e["name"] for e in entries]
-    if not location.is_file():
-        raise FileNotFoundError(f"shard {location} does not exist")
-    return [location]
-
-
-def listed_counts(location: str | Path) -> dict[str, int]:
-    """Sample count per shard name from the ``manifest.json`` that covers ``location`` (a
-    folder, the manifest itself, or a tar beside one); {} when there is none."""
-    location = Path(location)
-    manifest = location / "manifest.json" if location.is_dir() else location
-    if manifest.suffix != ".json":
-        manifest = location.parent / "manifest.json"
-    if not manifest.is_file():
-        return {}
-    return {entry["name"]: entry["samples"] for entry in json.loads(manifest.read_text())["shards"]}
 
 
 def verify_shard(path: Path, expected: int | None = None) -> int:

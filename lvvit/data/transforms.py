@@ -51,9 +51,10 @@ def normalize(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """uint8 ``[B, 3, H, W]`` -> ``(x / 255 - mean) / std``; meant to run on the device, where
-    it is one fused elementwise pass instead of a float copy per image in the workers."""
-    scale = torch.tensor(std, device=images.device, dtype=dtype).view(1, -1, 1, 1) * 255
-    shift = torch.tensor(mean, device=images.device, dtype=dtype).view(1, -1, 1, 1) * 255
+    it is one fused elementwise pass instead of a float copy per image in the workers. The
+    constants travel non-blocking: a blocking copy would make the host wait for the device."""
+    scale = torch.tensor(std, dtype=dtype).view(1, -1, 1, 1).to(images.device, non_blocking=True) * 255
+    shift = torch.tensor(mean, dtype=dtype).view(1, -1, 1, 1).to(images.device, non_blocking=True) * 255
     return (images.to(dtype) - shift) / scale
 
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lvvit.demo.stages import StageFailed, StageRunner, run_command
+from lvvit.ports import free_port
 from lvvit.serving.process import console_script as tool
-from lvvit.serving.process import free_port
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """lvvit-label: run a dense teacher over shards (or an ImageFolder) and add tlm records.
 
-Input is a folder of WebDataset shards (prefix-NNNNNN.tar, classes.json, manifest.json)
+Input is any shard source (a local folder of WebDataset shards with classes.json and
+manifest.json, a brace pattern, http(s):// patterns, pipe:COMMAND, s3:// or gs:// URLs)
 or an ImageFolder tree (root/<class>/<image>). Output is the same shards (or new ones
-for an ImageFolder) with a tlm member added to every sample; all other members are
-copied byte for byte. Images that cannot be decoded are reported and left out.
+for an ImageFolder), written to a local folder, with a tlm member added to every sample;
+all other members are copied byte for byte. Images that cannot be decoded are reported
+and left out; a shard that cannot be read to its end is a named error and not written.
 
 Start it once, or on every rank of a launch (deepspeed --module lvvit.labeling.cli ...,
 torchrun -m lvvit.labeling.cli ...): rank r of W takes shards r, r+W, ... and no rank
@@ -28,6 +30,14 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from lvvit import atomic
 from lvvit.data.cli import add_class_order
 from lvvit.data.shards import count_shard_samples
+from lvvit.data.source import (
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT,
+    Access,
+    SourceError,
+    is_remote,
+    resolve,
+)
 from lvvit.labeling.labeler import PRECISIONS, Labeler, ShardResult
 from lvvit.labeling.sources import Plan, ShardJob, is_shard_folder, plan_image_folder, plan_shards
 from lvvit.labeling.tarsamples import ShardReadError
@@ -66,7 +76,7 @@ def file_digest(path: Path) -> str:
 def labeling_settings(args: argparse.Namespace) -> dict:
     """Everything that decides the labels, to tell a resume from a different job."""
     return {
-        "input": str(args.input.resolve()),
+        "input": args.input if is_remote(args.input) else str(Path(args.input).resolve()),
         "teacher": args.teacher,
         "teacher_checkpoint_sha256": file_digest(args.teacher_checkpoint),
         "teacher_args": args.teacher_args,
@@ -130,8 +140,16 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="lvvit-label", description=__doc__, formatter_class=_HelpFormatter)
-    p.add_argument("--input", type=Path, required=True, help="shard folder or ImageFolder root")
-    p.add_argument("--out", type=Path, required=True, help="output shard folder")
+    p.add_argument("--input", required=True,
+                   help="shard source (folder, brace pattern, http(s)://, pipe:COMMAND, s3://, gs://) "
+                   "or ImageFolder root")
+    p.add_argument("--out", type=Path, required=True, help="output shard folder (local)")
+    src = p.add_argument_group("shard source")
+    src.add_argument("--manifest", help="manifest.json with the input shards' sample counts (default: beside them)")
+    src.add_argument("--shard-timeout", type=float, default=DEFAULT_TIMEOUT,
+                     help="seconds one connect or read of a remote shard may take")
+    src.add_argument("--shard-retries", type=int, default=DEFAULT_RETRIES,
+                     help="retries (with backoff) of a failed remote read before the shard is an error")
     t = p.add_argument_group("teacher")
     t.add_argument(
         "--teacher",
@@ -174,14 +192,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
-    if not args.input.is_dir():
-        raise SystemExit(f"--input {args.input} is not a folder")
-    if is_shard_folder(args.input):
-        return plan_shards(args.input)
-    return plan_image_folder(
-        args.input, args.prefix, args.shard_size, args.seed, args.max_size, args.class_names, args.workers,
-        args.class_order,
-    )
+    """An ImageFolder tree's plan, or the plan of the shard source ``--input`` names."""
+    folder = Path(args.input)
+    if not is_remote(args.input) and folder.is_dir() and not is_shard_folder(folder):
+        return plan_image_folder(
+            folder, args.prefix, args.shard_size, args.seed, args.max_size, args.class_names, args.workers,
+            args.class_order,
+        )
+    try:
+        return plan_shards(resolve(args.input, args.manifest, Access(args.shard_timeout, args.shard_retries)))
+    except (SourceError, FileNotFoundError) as e:
+        raise SystemExit(f"--input {args.input}: {e}") from None
 
 
 def make_labeler(args: argparse.Namespace, ranks: RankInfo) -> Labeler:
@@ -247,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ranks = rank_info(args.local_rank)
     logging.basicConfig(level=logging.INFO, format=f"[lvvit-label rank {ranks.rank}] %(levelname)s %(message)s")
-    if args.out.resolve() == args.input.resolve():
+    if not is_remote(args.input) and args.out.resolve() == Path(args.input).resolve():
         raise SystemExit("--out must differ from --input: input shards are never overwritten")
     plan = make_plan(args)
     if not plan.jobs:

@@ -23,6 +23,7 @@ from PIL import UnidentifiedImageError
 from torch import nn
 
 from lvvit.data.labelmap import LabelMap, encode_tlm
+from lvvit.data.pipeline import SkippedSample
 from lvvit.data.transforms import EvalTransform, normalize, open_image
 from lvvit.labeling.tarsamples import ShardReadError, TarSample, add_member, new_member
 from lvvit.labeling.teacher import dense_topk
@@ -41,13 +42,6 @@ def eval_box(width: int, height: int, img_size: int, crop_pct: float) -> Box:
     """The part of a ``width x height`` image that ``EvalTransform(img_size, crop_pct)``
     keeps, in normalised coordinates: the box the teacher's map covers."""
     return EvalTransform(img_size=img_size, crop_pct=crop_pct).box(width, height)
-
-
-@dataclass
-class SkippedSample:
-    shard: str
-    key: str
-    reason: str
 
 
 @dataclass

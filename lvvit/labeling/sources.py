@@ -1,4 +1,4 @@
-"""What to label: output shards planned from a shard folder or an ImageFolder tree.
+"""What to label: output shards planned from a shard source or an ImageFolder tree.
 
 Every rank computes the same plan (sorted, seeded), so ranks split the work by shard
 index alone, with no communication.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import tarfile
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,8 +25,9 @@ from lvvit.data.shards import (
     prepare_sample,
     scan_image_folder,
     shard_name,
-    shard_paths,
 )
+from lvvit.data.source import ShardSource, SourceError
+from lvvit.data.source import shard_name as url_shard_name
 from lvvit.labeling.tarsamples import TarSample, iter_tar_samples
 
 log = logging.getLogger(__name__)
@@ -54,19 +56,19 @@ def is_shard_folder(folder: Path) -> bool:
     return (folder / "manifest.json").is_file() or any(folder.glob("*.tar"))
 
 
-def plan_shards(folder: Path) -> Plan:
-    """The input's shards in manifest order (else sorted), relabeled under the same names."""
-    manifest = folder / "manifest.json"
-    counts = {}
-    if manifest.is_file():
-        counts = {s["name"]: s.get("samples") for s in json.loads(manifest.read_text())["shards"]}
-    jobs = []
-    for path in shard_paths(folder):
-        if not path.is_file():
-            raise FileNotFoundError(f"shard {path} listed in {manifest} does not exist")
-        jobs.append(ShardJob(path.name, lambda p=path: iter_tar_samples(p), counts.get(path.name)))
-    classes_file = folder / "classes.json"
-    return Plan(jobs, classes_file.read_bytes() if classes_file.is_file() else None, [])
+def plan_shards(source: ShardSource) -> Plan:
+    """The source's shards in order (a folder's manifest order, else sorted; a pattern's
+    order), relabeled under the same names into one local folder."""
+    names = [url_shard_name(url) for url in source.urls]
+    twice = [name for name, n in Counter(names).items() if n > 1]
+    if twice:
+        raise SourceError(f"{source.spec} names several shards called {twice[0]}; they would be written to one file")
+    counts = source.counts or (None,) * len(names)
+    jobs = [
+        ShardJob(name, partial(iter_tar_samples, url, source.open), count)
+        for name, url, count in zip(names, source.urls, counts, strict=True)
+    ]
+    return Plan(jobs, source.classes_json, [])
 
 
 def plan_image_folder(

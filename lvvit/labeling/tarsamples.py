@@ -2,8 +2,9 @@
 
 The labeler adds one member per sample and must keep every other member exactly as
 it was (bytes and header fields), so it works on ``tarfile`` members rather than on
-WebDataset's decoded dicts. Grouping follows WebDataset: consecutive members whose
-names share the part before the first dot of the file name form one sample.
+WebDataset's decoded dicts. Grouping is WebDataset's own rule (``base_plus_ext``, the one
+used everywhere): consecutive members whose names share the part before the first dot of
+the file name form one sample. The tar is read as a stream, so any shard source works.
 """
 
 from __future__ import annotations
@@ -11,17 +12,16 @@ from __future__ import annotations
 import io
 import logging
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from webdataset.tariterators import base_plus_ext
 
-from lvvit.data.shards import ShardReadError, check_tar_end
+from lvvit.data.shards import IMAGE_EXTENSIONS, ShardReadError
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
 @dataclass
@@ -40,24 +40,46 @@ class TarSample:
                     return data
         raise KeyError(f"no image member ({'/'.join(IMAGE_EXTENSIONS)}) in sample")
 
+    def as_dict(self) -> dict[str, str | bytes]:
+        """WebDataset's sample dict: ``__key__`` and one bytes value per extension."""
+        return {"__key__": self.key, **{base_plus_ext(info.name)[1]: data for info, data in self.members}}
 
-def iter_tar_samples(path: str | Path) -> Iterator[TarSample]:
-    """Stream the samples of ``path`` in file order; a damaged tar raises ``ShardReadError``."""
+
+class _CountingReader:
+    """Counts the bytes tarfile's stream mode reads, to tell a tar that ends with its
+    end-of-archive block from one cut at a member boundary (which tarfile accepts)."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream, self.count = stream, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.count += len(data)
+        return data
+
+
+def iter_tar_samples(shard: str | Path, opener: Callable[[str], BinaryIO] | None = None) -> Iterator[TarSample]:
+    """Stream the samples of ``shard`` in file order, opened by ``opener`` (e.g. a
+    ``ShardSource.open``; default: a local file). A damaged, truncated or unreachable tar
+    raises ``ShardReadError`` naming it."""
     try:
-        yield from _iter_tar_samples(path)
+        stream = open(shard, "rb") if opener is None else opener(str(shard))  # noqa: SIM115 (closed below)
+        with stream:
+            yield from _iter_tar_samples(stream, str(shard))
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise ShardReadError(f"cannot read shard {path}: {type(e).__name__}: {e}") from e
+        raise ShardReadError(f"cannot read shard {shard}: {type(e).__name__}: {e}") from e
 
 
-def _iter_tar_samples(path: str | Path) -> Iterator[TarSample]:
+def _iter_tar_samples(stream: BinaryIO, name: str) -> Iterator[TarSample]:
     current: TarSample | None = None
-    with tarfile.open(path, "r:") as tar:
+    reader = _CountingReader(stream)
+    with tarfile.open(fileobj=reader, mode="r|") as tar:
         for info in tar:
             if not info.isfile():
                 continue
             key, _ = base_plus_ext(info.name)
             if key is None:
-                log.warning("%s: member %r has no extension and belongs to no sample; dropped", path, info.name)
+                log.warning("%s: member %r has no extension and belongs to no sample; dropped", name, info.name)
                 continue
             data = tar.extractfile(info).read()
             if current is not None and current.key != key:
@@ -67,7 +89,8 @@ def _iter_tar_samples(path: str | Path) -> Iterator[TarSample]:
                 current = TarSample(key, [])
             current.members.append((info, data))
         end = tar.offset
-    check_tar_end(path, end)
+    if reader.count < end + tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"no end-of-archive block at byte {end}: the file is truncated")
     if current is not None:
         yield current
 

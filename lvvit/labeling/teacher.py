@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lvvit.labeling.smallcnn import load_small_cnn
-from lvvit.models import LVViT, create_model, list_models
+from lvvit.models import LVViT, list_models, model_from_checkpoint, read_checkpoint
 
 
 class DenseCNNTeacher(nn.Module):
@@ -62,8 +62,10 @@ TeacherFactory = Callable[..., nn.Module]
 
 def _lvvit_teacher(name: str) -> TeacherFactory:
     def build(checkpoint: str | Path, img_size: int, **kwargs: Any) -> nn.Module:
-        # The checkpoint's pos_embed is resized to the labeling resolution on load.
-        return LVViTDenseTeacher(create_model(name, img_size=img_size, checkpoint=checkpoint, **kwargs))
+        # The file's classifier sets the class count (a re-initialised head would label noise);
+        # its pos_embed is resized to the labeling resolution on load.
+        model = model_from_checkpoint(name, read_checkpoint(checkpoint), img_size=img_size, **kwargs)
+        return LVViTDenseTeacher(model)
 
     return build
 

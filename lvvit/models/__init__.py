@@ -8,8 +8,12 @@ from pathlib import Path
 import torch
 
 from lvvit.models.checkpoint import (
+    Checkpoint,
     CheckpointError,
+    ClassCountMismatch,
     load_checkpoint,
+    load_weights,
+    read_checkpoint,
     read_state_dict,
     resize_pos_embed,
 )
@@ -63,15 +67,47 @@ def create_model(
     return model
 
 
+def model_from_checkpoint(
+    name: str,
+    checkpoint: Checkpoint | None,
+    img_size: int = 224,
+    num_classes: int | None = None,
+    keep_classes: bool = True,
+    **kwargs,
+) -> LVViT:
+    """The one way every stage turns a checkpoint it has read into a model: training
+    (``--finetune``, ``--eval-only``), export and the labeling teacher.
+
+    ``num_classes=None`` lets the file's classifier decide (1000 without a checkpoint). With
+    ``keep_classes`` a file whose class count differs is a ``ClassCountMismatch``: a model
+    that is evaluated, exported or asked for labels with re-initialised heads gives
+    plausible-looking nonsense. Without it (fine-tuning to a new label set) the heads are
+    re-initialised. ``kwargs`` go to ``create_model`` (architecture overrides, drop path).
+    """
+    found = checkpoint.num_classes if checkpoint is not None else None
+    wanted = num_classes or found or 1000
+    if keep_classes and found is not None and found != wanted:
+        raise ClassCountMismatch(checkpoint.path, found, wanted)
+    model = create_model(name, img_size=img_size, num_classes=wanted, **kwargs)
+    if checkpoint is not None:
+        load_weights(model, checkpoint)
+    return model
+
+
 __all__ = [
     "MODEL_CONFIGS",
+    "Checkpoint",
     "CheckpointError",
+    "ClassCountMismatch",
     "LVViT",
     "LVViTConfig",
     "create_model",
     "list_models",
     "load_checkpoint",
+    "load_weights",
     "model_config",
+    "model_from_checkpoint",
+    "read_checkpoint",
     "read_state_dict",
     "resize_pos_embed",
 ]

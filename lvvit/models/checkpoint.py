@@ -15,7 +15,9 @@ import math
 import pickle
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +45,35 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be read, or whose weights do not fit the model."""
 
 
-def read_state_dict(path: str | Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
-    """The weights stored in ``path`` as a plain ``name -> tensor`` dict on the CPU.
+class ClassCountMismatch(CheckpointError):
+    """The file's classifier has ``found`` classes where the model was asked for another count
+    and re-initialised heads are not acceptable (evaluation, export, labeling)."""
+
+    def __init__(self, path: Path, found: int, wanted: int) -> None:
+        super().__init__(f"{path}: the checkpoint has {found} classes, the model {wanted}")
+        self.found = found
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint file, read once: its weights (bare model names, on the CPU) and the
+    ``model_args`` that our training records beside them (empty for official files)."""
+
+    path: Path
+    state: dict[str, torch.Tensor]
+    model_args: dict[str, Any] = field(default_factory=dict)
+    ema: bool = False
+    """Whether ``state`` holds the EMA weights of the file."""
+
+    @property
+    def num_classes(self) -> int | None:
+        """The class count of the stored classifier, ``None`` when the file has none."""
+        head = self.state.get("head.weight")
+        return head.shape[0] if head is not None and head.ndim == 2 else None
+
+
+def read_checkpoint(path: str | Path, use_ema: bool = False) -> Checkpoint:
+    """The weights stored in ``path`` and the ``model_args`` recorded with them.
 
     Accepts a raw state dict or a container dict (``state_dict``/``model``/``module``,
     with ``use_ema`` ``state_dict_ema``/``model_ema``); wrapper prefixes such as
@@ -67,24 +96,34 @@ def read_state_dict(path: str | Path, use_ema: bool = False) -> dict[str, torch.
         cleaned[_strip_wrapper_prefixes(key)] = value
     if len(cleaned) != len(state):
         raise CheckpointError(f"{path}: parameter names collide once wrapper prefixes are removed")
-    return cleaned
+    model_args = obj.get("model_args")
+    return Checkpoint(path, cleaned, dict(model_args) if isinstance(model_args, Mapping) else {}, use_ema)
+
+
+def read_state_dict(path: str | Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """The weights stored in ``path`` as a plain ``name -> tensor`` dict on the CPU."""
+    return read_checkpoint(path, use_ema).state
 
 
 def load_checkpoint(model: LVViT, path: str | Path, use_ema: bool = False) -> None:
-    """Load ``path`` into ``model`` strictly, adapting only what a new resolution or label set needs.
+    """Load the file ``path`` into ``model`` (see ``load_weights``)."""
+    load_weights(model, read_checkpoint(path, use_ema=use_ema))
+
+
+def load_weights(model: LVViT, checkpoint: Checkpoint) -> None:
+    """Load ``checkpoint`` into ``model`` strictly, adapting only what a new resolution or
+    label set needs.
 
     ``pos_embed`` is resized when the checkpoint was trained at another resolution; the
     class and aux heads are re-initialised when the class count differs. Everything else
     must match by name and shape: the whole file is checked before the model is touched,
     so a bad file leaves the model as it was.
     """
-    path = Path(path)
-    state = read_state_dict(path, use_ema=use_ema)
+    path, state = checkpoint.path, dict(checkpoint.state)
     target = model.state_dict()
 
     _adapt_pos_embed(state, target["pos_embed"], path)
-    head = state.get("head.weight")
-    classes = head.shape[0] if head is not None and head.ndim == 2 else model.num_classes
+    classes = checkpoint.num_classes or model.num_classes
     drop_heads = classes != model.num_classes
     if drop_heads:
         state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
@@ -99,7 +138,7 @@ def load_checkpoint(model: LVViT, path: str | Path, use_ema: bool = False) -> No
         for linear in (model.head, model.aux_head):
             init_linear(linear)
     model.load_state_dict(state, strict=not drop_heads)
-    _logger.info("%s: loaded %d tensors%s", path, len(state), " (EMA weights)" if use_ema else "")
+    _logger.info("%s: loaded %d tensors%s", path, len(state), " (EMA weights)" if checkpoint.ema else "")
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, new_grid: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import functools
+import importlib.resources
 import json
 import math
 import os
@@ -21,7 +22,19 @@ from typing import Any
 
 import yaml
 
-REPO_DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+from lvvit.data.source import (
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT,
+    Access,
+    ShardSource,
+    SourceError,
+    resolve,
+)
+
+DS_CONFIGS_PACKAGE = "lvvit.train.ds_configs"
+"""The DeepSpeed JSONs ship as package data, so an installed ``lvvit`` finds its default;
+``ds_configs/`` at the repository root holds identical copies for the documented command
+line (a test keeps them identical)."""
 
 BASE_LR_AT_1024 = {"lvvit_l": 1e-3}
 """Official base rates per 1024 images where they differ from 1.6e-3."""
@@ -48,19 +61,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="lvvit_s", help="lvvit_t | lvvit_s | lvvit_m | lvvit_l")
     g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="override an architecture field, e.g. depth=2 (repeatable)")
-    g.add_argument("--img-size", type=int, default=224, help="training resolution; token-label size is img/16")
+    g.add_argument("--img-size", type=int, default=224,
+                   help="training resolution; token-label size is img / patch size (16)")
     g.add_argument("--num-classes", type=int, default=None,
                    help="default: length of classes.json beside the train shards, else 1000")
     g.add_argument("--drop-path", type=float, default=None, help="stochastic depth (default: per model)")
     g.add_argument("--no-mix-token", dest="mix_token", action="store_false", help="turn MixToken off")
     g.add_argument("--finetune", type=Path, help="initialise from a checkpoint (pos_embed resized)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (training and eval) and the loss; the first steps compile")
 
     g = p.add_argument_group("data")
-    g.add_argument("--train-shards", help="brace pattern of train shards, e.g. 'data/train-{000000..000999}.tar'")
-    g.add_argument("--eval-shards", help="brace pattern of eval shards")
+    g.add_argument("--train-shards",
+                   help="shard source: a folder with manifest.json, a brace pattern naming a subset "
+                   "('data/train-{000000..000999}.tar'), http(s):// patterns, pipe:COMMAND, s3:// or gs:// URLs")
+    g.add_argument("--eval-shards", help="shard source of the eval set (as --train-shards)")
+    g.add_argument("--train-manifest", default=None,
+                   help="manifest.json with the train shards' sample counts (default: the one beside them)")
+    g.add_argument("--eval-manifest", default=None, help="manifest.json of the eval shards (default: beside them)")
+    g.add_argument("--shard-cache", default=None, metavar="DIR",
+                   help="node-local folder caching remote shards: one download per node, later epochs read disk")
+    g.add_argument("--shard-timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help="seconds one connect or read of a remote shard may take")
+    g.add_argument("--shard-retries", type=int, default=DEFAULT_RETRIES,
+                   help="retries (with backoff) of a failed remote read before the shard is skipped "
+                   "(training) or an error (evaluation)")
     g.add_argument("--steps-per-epoch", type=int, default=None,
-                   help="optimizer steps per epoch (default: manifest.json total / global batch)")
+                   help="optimizer steps per epoch (default: manifest.json total / global batch; "
+                   "needed when no manifest is reachable)")
     g.add_argument("--eval-batch", type=int, default=None, help="eval batch per rank (default: micro batch)")
     g.add_argument("--workers", type=int, default=4, help="loader processes per rank")
 
@@ -271,7 +300,13 @@ def default_ds_config_path() -> Path:
     import torch
 
     name = "zero2.json" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu" else "cpu.json"
-    return REPO_DS_CONFIGS / name
+    return packaged_ds_config(name)
+
+
+def packaged_ds_config(name: str) -> Path:
+    """One of the packaged DeepSpeed JSONs. A package installed as files (pip, editable or
+    not) gives a real path, which the run records and DeepSpeed may be handed."""
+    return Path(str(importlib.resources.files(DS_CONFIGS_PACKAGE) / name))
 
 
 def load_ds_config(path: Path) -> dict:
@@ -478,40 +513,37 @@ def resolve_ds_config(
     return cfg
 
 
-def manifest_path(shards: str) -> Path:
-    """``manifest.json`` beside the shards: given as is, in the folder, or beside a pattern."""
-    path = Path(shards)
-    return path if path.name == "manifest.json" else (path if path.is_dir() else path.parent) / "manifest.json"
-
-
-def manifest_total(shards: str) -> int:
-    manifest = manifest_path(shards)
+def open_source(option: str, spec: str, manifest: str | None, args: argparse.Namespace) -> ShardSource:
+    """The shards of ``--train-shards``/``--eval-shards`` (``option``), resolved once: the one
+    manifest resolution (lvvit.data.source) for epoch length, eval split and classes."""
+    access = Access(args.shard_timeout, args.shard_retries, args.shard_cache)
     try:
-        total = json.loads(manifest.read_text())["total"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"cannot size an epoch from {manifest} ({e}); pass --steps-per-epoch") from e
-    if isinstance(total, bool) or not isinstance(total, int) or total < 0:
-        raise SystemExit(f"{manifest}: 'total' {total!r} is not a sample count")
-    return total
+        return resolve(spec, manifest, access)
+    except (SourceError, FileNotFoundError) as e:
+        raise SystemExit(f"{option} {spec}: {e}") from None
 
 
-def steps_per_epoch_from_manifest(shards: str, global_batch: int) -> int:
-    """``total / global batch`` from ``manifest.json`` beside the shards."""
-    total = manifest_total(shards)
-    steps = math.floor(total / global_batch)
+def steps_per_epoch_from_manifest(source: ShardSource, global_batch: int) -> int:
+    """``total / global batch`` from the source's manifest counts."""
+    if source.total is None:
+        raise SystemExit(f"cannot size an epoch of {source.spec}: no manifest.json is reachable beside it; "
+                         "pass --steps-per-epoch (or --train-manifest)")
+    steps = math.floor(source.total / global_batch)
     if steps < 1:
-        raise SystemExit(f"{manifest_path(shards)}: {total} samples make no full global batch of {global_batch}")
+        raise SystemExit(f"{source.manifest}: {source.total} samples make no full global batch of {global_batch}")
     return steps
 
 
-def check_micro_batch_fits(shards: str, plan: BatchPlan) -> None:
+def check_micro_batch_fits(source: ShardSource, plan: BatchPlan) -> None:
     """Each rank reads ``total / ranks`` samples; fewer than one micro batch would only repeat
-    them (the loader resamples), so it is refused even with ``--steps-per-epoch``."""
-    total = manifest_total(shards)
-    per_rank = total // plan.world_size
+    them (the loader resamples), so it is refused even with ``--steps-per-epoch``. Without
+    counts (no manifest reachable) there is nothing to check."""
+    if source.total is None:
+        return
+    per_rank = source.total // plan.world_size
     if per_rank < plan.micro_batch:
         raise SystemExit(
-            f"{manifest_path(shards)}: {total} samples over {plan.world_size} rank(s) are {per_rank} per rank, "
+            f"{source.manifest}: {source.total} samples over {plan.world_size} rank(s) are {per_rank} per rank, "
             f"fewer than one micro batch of {plan.micro_batch} ({plan.sources['micro_batch']}); "
             "lower --micro-batch")
 
@@ -525,6 +557,7 @@ class RunConfig:
     plan: BatchPlan
     lr: float
     steps_per_epoch: int
+    train_source: ShardSource | None
 
 
 def prepare(args: argparse.Namespace, world_size: int) -> RunConfig:
@@ -535,11 +568,11 @@ def prepare(args: argparse.Namespace, world_size: int) -> RunConfig:
     origin = f"--deepspeed_config {ds_path}"
     raw = load_ds_config(ds_path)
     plan = resolve_batch(args, raw, world_size, origin)
-    if args.train_shards and not args.eval_only:
-        check_micro_batch_fits(args.train_shards, plan)
+    train = open_source("--train-shards", args.train_shards, args.train_manifest, args) if args.train_shards else None
+    if train is not None and not args.eval_only:
+        check_micro_batch_fits(train, plan)
     lr = peak_lr(args, plan.global_batch)
     ds_config = resolve_ds_config(args, raw, plan, lr)
     check_ds_config(ds_config, origin)  # the command line's values too (e.g. --clip-grad)
-    steps = args.steps_per_epoch or (
-        steps_per_epoch_from_manifest(args.train_shards, plan.global_batch) if args.train_shards else 1)
-    return RunConfig(ds_path, ds_config, plan, lr, steps)
+    steps = args.steps_per_epoch or (steps_per_epoch_from_manifest(train, plan.global_batch) if train else 1)
+    return RunConfig(ds_path, ds_config, plan, lr, steps, train)

@@ -1,6 +1,6 @@
 """The training run: DeepSpeed engine, token-labeling loss, EMA, eval, checkpoints, MLflow.
 
-Every collective (loss reduction, non-finite check, eval, checkpoint save, EMA gather)
+Every collective (step statistics, eval, checkpoint save, EMA gather)
 runs on all ranks in the same order; only MLflow calls and file writes of shared outputs
 are rank 0's.
 """
@@ -8,13 +8,14 @@ are rank 0's.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
 import random
 import signal
-import socket
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,8 +25,10 @@ import torch
 import torch.distributed as dist
 
 from lvvit import atomic
+from lvvit.ports import free_port
 from lvvit.train import config as C
 from lvvit.train.checkpointing import WEIGHTS_FILE, Checkpointer, consolidate
+from lvvit.train.step import STEP_STATS, Objective, train_step
 from lvvit.train.tracking import (
     Terminated,
     end_status,
@@ -53,10 +56,7 @@ def ensure_dist_env() -> None:
         return
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def seed_everything(seed: int) -> None:
@@ -74,20 +74,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
             continue
         (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def shard_folder(shards: str) -> Path:
-    """The folder holding ``manifest.json``: given as is, or the parent of a shard pattern.
-
-    The manifest lists the shards a run reads (equal steps per rank need its counts).
-    """
-    path = Path(shards)
-    return path if path.is_dir() else path.parent
-
-
-def read_classes(shards: str) -> list[dict] | None:
-    path = shard_folder(shards) / "classes.json"
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def engine_dtype(engine) -> torch.dtype:
@@ -110,90 +96,216 @@ def build_model(
     """The model, with ``--finetune`` weights unless ``load`` is off. Under ``--eval-only`` a
     class count that differs from the file's is an error: re-initialised heads would be
     evaluated as if trained."""
-    from lvvit.models import create_model
-    from lvvit.models.checkpoint import CheckpointError, load_checkpoint, read_state_dict
+    from lvvit.models import model_from_checkpoint
+    from lvvit.models.checkpoint import CheckpointError, ClassCountMismatch, read_checkpoint
 
     model_args = {"name": args.model, "img_size": args.img_size, "num_classes": num_classes,
                   **args.model_overrides}
-    model = create_model(**model_args, drop_path_rate=args.drop_path, mix_token=args.mix_token)
-    if args.finetune is not None and load:
-        try:
-            if args.eval_only:
-                head = read_state_dict(args.finetune).get("head.weight")
-                if head is not None and head.shape[0] != num_classes:
-                    raise SystemExit(f"--eval-only: {args.finetune} has {head.shape[0]} classes, the eval set "
-                                     f"{num_classes} (set --num-classes)")
-            load_checkpoint(model, args.finetune)
-        except (CheckpointError, FileNotFoundError) as err:
-            raise SystemExit(f"--finetune: {err}") from None
+    try:
+        checkpoint = read_checkpoint(args.finetune) if args.finetune is not None and load else None
+        model = model_from_checkpoint(
+            checkpoint=checkpoint, keep_classes=args.eval_only, drop_path_rate=args.drop_path,
+            mix_token=args.mix_token, **model_args)
+    except ClassCountMismatch as err:
+        raise SystemExit(f"--eval-only: {err} (set --num-classes {err.found})") from None
+    except (CheckpointError, FileNotFoundError) as err:
+        raise SystemExit(f"--finetune: {err}") from None
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model, model_args
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Process group, this rank's device, quiet logs off rank 0: ``(rank, world, device)``."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    ensure_dist_env()
+    deepspeed.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if rank != 0:
+        logging.getLogger("lvvit").setLevel(logging.WARNING)
+    # before any tensor is placed: DeepSpeed only selects the rank's GPU inside initialize()
+    get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return rank, world, torch.device(get_accelerator().current_device_name())
+
+
+@dataclass(frozen=True)
+class StepTotals:
+    """Step statistics summed over ranks and the steps since the last read (``STEP_STATS``),
+    how many steps that was, and their mean wall time."""
+
+    stats: dict[str, float]
+    steps: int
+    step_time: float
+
+
+class StepMetrics:
+    """The step statistics since the last read, kept on the device.
+
+    Reading them (one all-reduce and one copy to the host) is the loop's only per-step
+    synchronisation: at every ``--log-every`` step, at epoch ends and before a checkpoint.
+    Step time is the wall time between reads over the steps read, which on a GPU counts
+    the queued work once it has drained, not the time to queue it.
+    """
+
+    def __init__(self, device: torch.device, log_every: int) -> None:
+        self.sums = torch.zeros(len(STEP_STATS), dtype=torch.float64, device=device)
+        self.log_every = log_every
+        self.steps = 0
+        self.started = time.perf_counter()
+
+    def restart_clock(self) -> None:
+        """Time from here: an epoch's first steps are not charged with the eval before them."""
+        self.started = time.perf_counter()
+
+    def add(self, stats: torch.Tensor) -> None:
+        self.sums += stats
+        self.steps += 1
+
+    def due(self, step: int, epoch_done: bool) -> bool:
+        return step % self.log_every == 0 or epoch_done
+
+    def read(self) -> StepTotals:
+        """Collective: every rank calls it at the same steps."""
+        reduced = self.sums.clone()
+        dist.all_reduce(reduced)
+        now = time.perf_counter()
+        totals = StepTotals(dict(zip(STEP_STATS, reduced.tolist(), strict=True)), self.steps,
+                            (now - self.started) / max(self.steps, 1))
+        self.sums.zero_()
+        self.steps, self.started = 0, now
+        return totals
+
+
+@dataclass(frozen=True)
+class SavePolicy:
+    """Which steps end in a checkpoint: every ``--save-every`` (epoch ends save anyway) and
+    ``--max-steps``, where the run stops."""
+
+    every: int
+    max_steps: int | None
+
+    def stops(self, step: int) -> bool:
+        return self.max_steps is not None and step >= self.max_steps
+
+    def due(self, step: int, epoch_done: bool) -> bool:
+        return self.stops(step) or bool(self.every and step % self.every == 0 and not epoch_done)
+
+
+class NonFinitePolicy:
+    """``--nan-policy``, applied where the step statistics are read (before any checkpoint).
+
+    A non-finite micro batch has already added zero to the gradient (``train_step``);
+    ``skip`` counts and reports it, ``stop`` calls ``stop(where)``, which ends the run.
+    """
+
+    def __init__(self, policy: str, stop: Callable[[str], None]) -> None:
+        self.policy = policy
+        self.stop = stop
+        self.skipped = 0  # non-finite micro batches so far
+
+    def apply(self, non_finite: int, first_step: int, last_step: int) -> None:
+        if not non_finite:
+            return
+        self.skipped += non_finite
+        where = f"{non_finite} micro batch(es) of steps {first_step}..{last_step}"
+        if self.policy == "stop":
+            self.stop(where)
+        log.warning("skipping a micro batch with non-finite loss: %s, with zero gradient", where)
 
 
 class Trainer:
     """One run from options to consolidated weights. ``run()`` returns the final eval metrics."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        import deepspeed
-        from deepspeed.accelerator import get_accelerator
-
-        from lvvit.loss import TokenLabelingLoss
-        from lvvit.train.ema import ModelEma
-        from lvvit.train.schedule import WarmupCosineSchedule
-
         self.args = args
-        ensure_dist_env()
-        deepspeed.init_distributed()
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        if self.rank != 0:
-            logging.getLogger("lvvit").setLevel(logging.WARNING)
-        # before any tensor is placed: DeepSpeed only selects the rank's GPU inside initialize()
-        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        self.device = torch.device(get_accelerator().current_device_name())
-
+        self.rank, self.world, self.device = init_distributed()
         run_config = C.prepare(args, self.world)  # every config check, before the model exists
         args.output.mkdir(parents=True, exist_ok=True)
-        ds_path, self.ds_config = run_config.ds_path, run_config.ds_config
-        self.plan, self.lr, self.steps_per_epoch = run_config.plan, run_config.lr, run_config.steps_per_epoch
+        self.ds_config, self.plan = run_config.ds_config, run_config.plan
+        self.lr, self.steps_per_epoch = run_config.lr, run_config.steps_per_epoch
         self.total_epochs = args.epochs + args.cooldown_epochs
-        self.classes = read_classes(args.train_shards or args.eval_shards)
+        self.train_source = run_config.train_source
+        self.eval_source = (C.open_source("--eval-shards", args.eval_shards, args.eval_manifest, args)
+                            if args.eval_shards and args.eval else None)
+        source = self.train_source or self.eval_source
+        self.classes = source.classes if source is not None else None
         self.num_classes = args.num_classes or (len(self.classes) if self.classes else 1000)
-
-        seed_everything(args.seed)  # identical initial weights on every rank
-        model, self.model_args = build_model(args, self.num_classes)
-        self.schedule = WarmupCosineSchedule(
-            lr=self.lr, min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
-            epochs=args.epochs, steps_per_epoch=self.steps_per_epoch)
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, args.weight_decay), config=self.ds_config,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, self.schedule))
-        seed_everything(args.seed + self.rank)  # different augmentation, drop path, mixing per rank
+        self.engine, self.model_args = self.build_engine()
         self.dtype = engine_dtype(self.engine)
-        self.ema = ModelEma(self.engine.module, args.ema_decay) if args.model_ema else None
-        if args.eval_only and args.finetune is not None:
-            self.ema = self.ema_from_file(args.finetune) if self.ema is not None else None
+        self.ema = self.build_ema()
         self.checkpointer = Checkpointer(self.engine, args.output / "checkpoints", args.keep, self.ema)
-        self.loss_fn = TokenLabelingLoss(cls_weight=args.cls_weight, dense_weight=args.dense_weight,
-                                         smoothing=args.smoothing, ground_truth=args.ground_truth)
+        self.objective = self.build_objective()
         self.position = Position()
-        self.skipped = 0  # micro batches dropped under --nan-policy skip
         self.weights_written = False
-        run_id = None
-        if args.resume is not None:
-            state = self.checkpointer.resume(args.resume).get("lvvit", {})
-            self.position = Position(state.get("epoch", 0), state.get("step_in_epoch", 0))
-            run_id = state.get("mlflow_run_id")
-            log.info("resumed at step %d (epoch %d, step %d in it)", self.engine.global_steps,
-                     self.position.epoch, self.position.step_in_epoch)
-        if run_id is None and args.resume is not None:
-            run_id = (read_run_file(args.output) or {}).get("run_id")
-        run_name = args.run_name or f"{args.model}-{args.img_size}{'-eval' if args.eval_only else ''}"
-        self.tracker = make_tracker(
-            args.mlflow, self.rank, args.experiment, run_name, args.output, self.tags(),
-            None if args.eval_only else run_id, args.system_metrics, record=not args.eval_only,
-            strict=args.strict_tracking)
-        self.log_setup(ds_path)
+        run_id = self.resume() if args.resume is not None else None
+        self.tracker = self.build_tracker(run_id)
+        self.metrics = StepMetrics(self.device, args.log_every)
+        self.saves = SavePolicy(args.save_every, args.max_steps)
+        self.nan_policy = NonFinitePolicy(args.nan_policy, self.stop_on_non_finite)
+        self.log_setup(run_config.ds_path)
+
+    # ----------------------------------------------------------------- builders
+    def build_engine(self) -> tuple[Any, dict[str, Any]]:
+        """The model (identical initial weights on every rank) inside a DeepSpeed engine whose
+        lr follows our schedule per optimizer step; compiled under ``--compile``."""
+        import deepspeed
+
+        from lvvit.train.schedule import WarmupCosineSchedule
+
+        a = self.args
+        seed_everything(a.seed)
+        model, model_args = build_model(a, self.num_classes)
+        schedule = WarmupCosineSchedule(
+            lr=self.lr, min_lr=a.min_lr, warmup_lr=a.warmup_lr, warmup_epochs=a.warmup_epochs,
+            epochs=a.epochs, steps_per_epoch=self.steps_per_epoch)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, a.weight_decay), config=self.ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        seed_everything(a.seed + self.rank)  # different augmentation, drop path, mixing per rank
+        if a.compile:
+            engine.compile()  # the module in place: state_dict keys (checkpoints) stay the same
+        return engine, model_args
+
+    def build_ema(self) -> ModelEma | None:
+        """The EMA of the weights; under ``--eval-only --finetune FILE``, the file's EMA."""
+        from lvvit.train.ema import ModelEma
+
+        if not self.args.model_ema:
+            return None
+        if self.args.eval_only and self.args.finetune is not None:
+            return self.ema_from_file(self.args.finetune)
+        return ModelEma(self.engine.module, self.args.ema_decay)
+
+    def build_objective(self) -> Objective:
+        """Loss and target geometry for ``train_step``; the token grid is the model's own
+        (``img_size // patch_size``)."""
+        from lvvit.loss import TokenLabelingLoss
+
+        a = self.args
+        loss_fn = TokenLabelingLoss(cls_weight=a.cls_weight, dense_weight=a.dense_weight,
+                                    smoothing=a.smoothing, ground_truth=a.ground_truth)
+        return Objective(loss_fn=torch.compile(loss_fn) if a.compile else loss_fn,
+                         num_classes=self.num_classes, token_grid=self.engine.module.cfg.grid_size,
+                         smoothing=a.smoothing, device=self.device, dtype=self.dtype)
+
+    def resume(self) -> str | None:
+        """Engine, EMA, RNG and position from ``--resume``; returns the MLflow run to continue."""
+        state = self.checkpointer.resume(self.args.resume).get("lvvit", {})
+        self.position = Position(state.get("epoch", 0), state.get("step_in_epoch", 0))
+        log.info("resumed at step %d (epoch %d, step %d in it)", self.engine.global_steps,
+                 self.position.epoch, self.position.step_in_epoch)
+        run_id = state.get("mlflow_run_id")
+        return run_id if run_id is not None else (read_run_file(self.args.output) or {}).get("run_id")
+
+    def build_tracker(self, run_id: str | None):
+        a = self.args
+        run_name = a.run_name or f"{a.model}-{a.img_size}{'-eval' if a.eval_only else ''}"
+        return make_tracker(
+            a.mlflow, self.rank, a.experiment, run_name, a.output, self.tags(),
+            None if a.eval_only else run_id, a.system_metrics, record=not a.eval_only,
+            strict=a.strict_tracking)
 
     def ema_from_file(self, path: Path) -> ModelEma | None:
         """The file's EMA weights as the run's EMA (``None`` when it has none), adapted to the
@@ -251,7 +363,7 @@ class Trainer:
         randaugment = RandAugment(num_ops=ops, magnitude=a.randaug_magnitude,
                                   magnitude_std=a.randaug_mstd) if ops > 0 else None
         return train_loader(
-            shard_folder(a.train_shards), batch_size=self.plan.micro_batch, img_size=a.img_size,
+            self.train_source, batch_size=self.plan.micro_batch, img_size=a.img_size,
             num_workers=a.workers, erase_prob=a.reprob, world_size=self.world,
             randaugment=randaugment, scale=tuple(a.scale), hflip=a.hflip,
             steps_per_epoch=(self.steps_per_epoch - skip_steps) * self.plan.grad_accum,
@@ -262,32 +374,11 @@ class Trainer:
 
         a = self.args
         return eval_loader(
-            shard_folder(a.eval_shards), batch_size=a.eval_batch or self.plan.micro_batch,
+            self.eval_source, batch_size=a.eval_batch or self.plan.micro_batch,
             img_size=a.img_size, crop_pct=self.engine.module.cfg.crop_pct, num_workers=a.workers,
             world_size=self.world, rank=self.rank, pin_memory=self.device.type == "cuda")
 
     # ----------------------------------------------------------------- steps
-    def forward_loss(self, batch: dict[str, torch.Tensor]):
-        from lvvit.data.transforms import normalize
-        from lvvit.targets import build_token_targets
-
-        d = self.device
-        images = normalize(batch["images"].to(d, non_blocking=True)).to(self.dtype)
-        labels = batch["labels"].to(d, non_blocking=True)
-        cls_target = token_target = None
-        if "tlm_values" in batch:
-            cls_target, token_target = build_token_targets(
-                batch["tlm_values"].to(d), batch["tlm_indices"].to(d), batch["map_boxes"].to(d),
-                batch["crop_boxes"].to(d), batch["flips"].to(d), self.num_classes,
-                out_size=self.args.img_size // 16, smoothing=self.args.smoothing)
-        return self.loss_fn(self.engine(images), labels, cls_target, token_target)
-
-    def all_finite(self, loss: torch.Tensor) -> bool:
-        """Every rank's verdict, so all of them skip or stop together."""
-        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return bad.item() == 0
-
     def client_state(self) -> dict[str, Any]:
         """Ours under ``lvvit``; the empty ``universal_checkpoint_info`` tells DeepSpeed's
         ``ds_to_universal`` that plain data-parallel weights need no re-sharding rules."""
@@ -325,55 +416,60 @@ class Trainer:
         return metrics
 
     def train_epoch(self) -> bool:
-        """The rest of the current epoch; ``False`` when ``--max-steps`` stopped it."""
-        a, engine = self.args, self.engine
-        engine.train()
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, cls, aux, micro steps
-        one = torch.ones((), dtype=torch.float64, device=self.device)
-        remaining = self.steps_per_epoch - self.position.step_in_epoch
-        batches = self.train_batches(self.position.epoch, self.position.step_in_epoch) if remaining > 0 else ()
-        step_start = time.perf_counter()
-        for batch in batches:
-            parts = self.forward_loss(batch)
-            if not self.all_finite(parts.loss):
-                if a.nan_policy == "stop":
-                    self.stop_on_non_finite(parts.loss)
-                self.skipped += 1
-                log.warning("skipping a micro batch with non-finite loss at step %d", engine.global_steps)
-                continue
-            engine.backward(parts.loss)
-            before = engine.global_steps
-            engine.step()
-            sums += torch.stack([parts.loss.detach().double(), parts.cls_loss.detach().double(),
-                                 parts.aux_loss.detach().double(), one])
-            if engine.global_steps == before:
-                continue  # inside an accumulation window
-            if self.ema is not None:
-                self.ema.update()
-            self.position.step_in_epoch += 1
-            now = time.perf_counter()
-            step_time, step_start = now - step_start, now
-            step = engine.global_steps
-            epoch_done = self.position.step_in_epoch == self.steps_per_epoch
-            if step % a.log_every == 0 or epoch_done:
-                self.log_step(sums, step_time)
-                sums.zero_()
-            if a.max_steps is not None and step >= a.max_steps:
+        """The rest of the current epoch; ``False`` when ``--max-steps`` stopped it.
+
+        Each step is queued without a host synchronisation; the step statistics are read
+        (and ``--nan-policy`` applied) only at logging steps and before a checkpoint.
+        """
+        self.engine.train()
+        self.metrics.restart_clock()
+        for micro_batches in self.step_batches():
+            stats = train_step(self.engine, self.objective, micro_batches)
+            step, epoch_done = self.finish_step()
+            self.metrics.add(stats)
+            must_save = self.saves.due(step, epoch_done)
+            if must_save or self.metrics.due(step, epoch_done):
+                self.read_metrics(step)
+            if must_save:
                 self.save()
+            if self.saves.stops(step):
                 return False
-            if a.save_every and step % a.save_every == 0 and not epoch_done:  # end_epoch saves
-                self.save()
         return True
 
-    def stop_on_non_finite(self, loss: torch.Tensor) -> None:
-        """Keep the current state if its weights are finite (the bad step was not applied), then stop."""
+    def step_batches(self) -> Iterator[Iterator[dict[str, torch.Tensor]]]:
+        """The rest of the epoch as one lazy group of ``grad_accum`` micro batches per step."""
+        remaining = self.steps_per_epoch - self.position.step_in_epoch
+        if remaining <= 0:
+            return
+        batches = iter(self.train_batches(self.position.epoch, self.position.step_in_epoch))
+        for _ in range(remaining):
+            first = next(batches, None)
+            if first is None:
+                return
+            yield itertools.chain([first], itertools.islice(batches, self.plan.grad_accum - 1))
+
+    def finish_step(self) -> tuple[int, bool]:
+        """EMA and position after an optimizer step; the step number and whether it ended the epoch."""
+        if self.ema is not None:
+            self.ema.update()
+        self.position.step_in_epoch += 1
+        return self.engine.global_steps, self.position.step_in_epoch == self.steps_per_epoch
+
+    def read_metrics(self, step: int) -> None:
+        """Read the steps since the last read (all ranks), apply ``--nan-policy``, log."""
+        totals = self.metrics.read()
+        self.nan_policy.apply(int(totals.stats["non_finite_micro_batches"]), step - totals.steps + 1, step)
+        self.log_step(totals)
+
+    def stop_on_non_finite(self, where: str) -> None:
+        """Keep the current state if its weights are finite (the non-finite micro batches added
+        nothing to them), then stop."""
         if self.weights_finite():
             self.save()
         raise NonFiniteLoss(
-            f"non-finite loss ({loss.item()}) at step {self.engine.global_steps} (epoch {self.position.epoch}); "
-            f"it was not applied. Last good checkpoint: {self.checkpointer.last_tag or 'none'} in "
-            f"{self.args.output / 'checkpoints'}. Resume with --resume (lower --lr, set --clip-grad) "
-            "or run with --nan-policy skip.")
+            f"non-finite loss in {where} (epoch {self.position.epoch}); it was not applied (zero gradient). "
+            f"Last good checkpoint: {self.checkpointer.last_tag or 'none'} in {self.args.output / 'checkpoints'}. "
+            "Resume with --resume (lower --lr, set --clip-grad) or run with --nan-policy skip.")
 
     def weights_finite(self) -> bool:
         bad = torch.zeros(1, device=self.device)
@@ -385,16 +481,15 @@ class Trainer:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         return bad.item() == 0
 
-    def log_step(self, sums: torch.Tensor, step_time: float) -> None:
-        reduced = sums.clone()
-        dist.all_reduce(reduced)
-        n = max(reduced[3].item(), 1.0)
+    def log_step(self, totals: StepTotals) -> None:
+        stats, n = totals.stats, max(totals.stats["finite_micro_batches"], 1.0)
         grad_norm = self.engine.get_global_grad_norm()
-        metrics = {"train/loss": reduced[0].item() / n, "train/cls_loss": reduced[1].item() / n,
-                   "train/aux_loss": reduced[2].item() / n, "train/lr": self.engine.get_lr()[0],
-                   "train/step_time": step_time, "train/images_per_sec": self.plan.global_batch / step_time,
+        metrics = {"train/loss": stats["loss"] / n, "train/cls_loss": stats["cls_loss"] / n,
+                   "train/aux_loss": stats["aux_loss"] / n, "train/lr": self.engine.get_lr()[0],
+                   "train/step_time": totals.step_time,
+                   "train/images_per_sec": self.plan.global_batch / totals.step_time,
                    "train/epoch": self.position.epoch + self.position.step_in_epoch / self.steps_per_epoch,
-                   "train/skipped_micro_batches": float(self.skipped)}
+                   "train/skipped_micro_batches": float(self.nan_policy.skipped)}
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
         self.tracker.log_metrics(metrics, step=self.engine.global_steps)
