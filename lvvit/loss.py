@@ -15,8 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lvvit.models.lvvit import MixBox
-
 
 class LossParts(NamedTuple):
     """``loss = cls_weight * cls_loss + dense_weight * aux_loss``; parts are for logging."""
@@ -38,12 +36,10 @@ def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     return -(target * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
 
 
-def mix_token_lam(mix_box: MixBox | None, num_tokens: int) -> float:
-    """Share of each sample's own tokens after MixToken: ``1 - box_area / N`` (1 without a box)."""
-    if mix_box is None:
-        return 1.0
-    x0, y0, x1, y1 = (int(v) for v in mix_box)
-    return 1.0 - (x1 - x0) * (y1 - y0) / num_tokens
+def mix_token_lam(mix_mask: Tensor) -> Tensor:
+    """Share of each sample's own tokens after MixToken, ``1 - box_area / N``, from the
+    model's bool token mask ``[H, W]``; a tensor, so a compiled loss serves every box."""
+    return 1.0 - mix_mask.float().mean()
 
 
 def blend_ground_truth(teacher: Tensor, one_hot: Tensor, labels: Tensor) -> Tensor:
@@ -94,14 +90,14 @@ class TokenLabelingLoss(nn.Module):
 
     def forward(
         self,
-        outputs: tuple[Tensor, Tensor, MixBox | None],
+        outputs: tuple[Tensor, Tensor, Tensor | None],
         labels: Tensor,
         cls_target: Tensor | None = None,
         token_target: Tensor | None = None,
     ) -> LossParts:
-        cls_logits, aux_logits, mix_box = outputs
+        cls_logits, aux_logits, mix_mask = outputs
         cls_logits, aux_logits = cls_logits.float(), aux_logits.float()
-        _check_shapes(cls_logits, aux_logits, labels, cls_target, token_target)
+        _check_shapes(cls_logits, aux_logits, mix_mask, labels, cls_target, token_target)
         batch, num_tokens, num_classes = aux_logits.shape
         one_hot = smoothed_one_hot(labels, num_classes, self.smoothing)
         if cls_target is None:
@@ -111,8 +107,8 @@ class TokenLabelingLoss(nn.Module):
             cls_target, token_target = cls_target.float(), token_target.float()
             if self.ground_truth:
                 cls_target = blend_ground_truth(cls_target, one_hot, labels)
-        if mix_box is not None:  # no branch on lam: a compiled loss would re-trace per value
-            lam = mix_token_lam(mix_box, num_tokens)
+        if mix_mask is not None:
+            lam = mix_token_lam(mix_mask)
             cls_target = lam * cls_target + (1.0 - lam) * cls_target.flip(0)
         cls_loss = soft_cross_entropy(cls_logits, cls_target)
         aux_loss = soft_cross_entropy(aux_logits, token_target)
@@ -123,6 +119,7 @@ class TokenLabelingLoss(nn.Module):
 def _check_shapes(
     cls_logits: Tensor,
     aux_logits: Tensor,
+    mix_mask: Tensor | None,
     labels: Tensor,
     cls_target: Tensor | None,
     token_target: Tensor | None,
@@ -130,9 +127,11 @@ def _check_shapes(
     """Name the mismatched argument: a silent broadcast would train on the wrong targets."""
     if aux_logits.dim() != 3 or cls_logits.shape != (aux_logits.shape[0], aux_logits.shape[2]):
         raise ValueError(
-            f"outputs must be (cls [B, C], aux [B, N, C], mix_box), "
+            f"outputs must be (cls [B, C], aux [B, N, C], mix_mask), "
             f"got cls {tuple(cls_logits.shape)} and aux {tuple(aux_logits.shape)}"
         )
+    if mix_mask is not None and mix_mask.numel() != aux_logits.shape[1]:
+        raise ValueError(f"mix_mask must cover the N = {aux_logits.shape[1]} tokens, got {tuple(mix_mask.shape)}")
     if labels.shape != cls_logits.shape[:1]:
         raise ValueError(f"labels must be [B] = [{cls_logits.shape[0]}], got {tuple(labels.shape)}")
     if (cls_target is None) != (token_target is None):

@@ -15,6 +15,7 @@ from lvvit.loss import (
     smoothed_one_hot,
 )
 from lvvit.models import create_model
+from lvvit.models.lvvit import box_mask
 from lvvit.targets import build_token_targets
 
 
@@ -52,16 +53,15 @@ def test_plain_label_fallback_by_hand():
 
 def test_mix_token_mixes_only_the_class_target():
     """Box of 1 token on a 2x2 grid: lam = 0.75 for the class target, tokens untouched."""
-    assert mix_token_lam((0, 0, 1, 1), 4) == 0.75
-    assert mix_token_lam((1, 0, 3, 2), 16) == 0.75
-    assert mix_token_lam(None, 4) == 1.0
+    assert mix_token_lam(box_mask((0, 0, 1, 1), 2, 2)).item() == 0.75
+    assert mix_token_lam(box_mask((1, 0, 3, 2), 4, 4)).item() == 0.75
     probs = [[0.5, 0.25, 0.25], [0.2, 0.2, 0.6]]
     cls = _logits(*probs)
     aux = _logits([[0.5, 0.25, 0.25]] * 4, [[0.2, 0.2, 0.6]] * 4)
     cls_target = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
     token_target = torch.tensor([[[0.6, 0.3, 0.1]] * 4, [[0.0, 0.5, 0.5]] * 4])
     parts = TokenLabelingLoss()(
-        (cls, aux, (0, 0, 1, 1)), torch.tensor([0, 2]), cls_target, token_target
+        (cls, aux, box_mask((0, 0, 1, 1), 2, 2)), torch.tensor([0, 2]), cls_target, token_target
     )
     mixed = [[0.55, 0.175, 0.275], [0.25, 0.125, 0.625]]  # 0.75 * own + 0.25 * other sample's
     cls_loss = (_ce(mixed[0], probs[0]) + _ce(mixed[1], probs[1])) / 2
@@ -71,7 +71,7 @@ def test_mix_token_mixes_only_the_class_target():
     assert parts.loss.item() == pytest.approx(cls_loss + aux_loss, rel=1e-6)
     # An empty box leaves the class target alone.
     unmixed = TokenLabelingLoss()(
-        (cls, aux, (1, 1, 1, 2)), torch.tensor([0, 2]), cls_target, token_target
+        (cls, aux, box_mask((1, 1, 1, 2), 2, 2)), torch.tensor([0, 2]), cls_target, token_target
     )
     assert unmixed.cls_loss.item() == pytest.approx(
         (_ce([0.7, 0.2, 0.1], probs[0]) + _ce([0.1, 0.1, 0.8], probs[1])) / 2, rel=1e-6
@@ -92,7 +92,7 @@ def test_ground_truth_blend_comes_before_mixing():
     teacher = torch.tensor([[0.6, 0.3, 0.1], [0.6, 0.3, 0.1]])
     tokens = torch.full((2, 4, 3), 1 / 3)
     loss_fn = TokenLabelingLoss(smoothing=0.0, ground_truth=True)
-    parts = loss_fn((cls, aux, (0, 0, 1, 1)), torch.tensor([0, 2]), teacher, tokens)
+    parts = loss_fn((cls, aux, box_mask((0, 0, 1, 1), 2, 2)), torch.tensor([0, 2]), teacher, tokens)
     blended = [[0.8, 0.15, 0.05], [0.54, 0.27, 0.19]]
     mixed = [
         [0.75 * a + 0.25 * b for a, b in zip(blended[i], blended[1 - i], strict=True)]
@@ -118,7 +118,7 @@ def test_gradient_is_softmax_minus_target():
     token_target = torch.rand(4, 6, 5, generator=gen).softmax(-1)
     loss_fn = TokenLabelingLoss(cls_weight=0.7, dense_weight=0.3)
     loss_fn(
-        (cls, aux, (0, 0, 2, 1)), torch.tensor([0, 1, 2, 3]), cls_target, token_target
+        (cls, aux, box_mask((0, 0, 2, 1), 2, 3)), torch.tensor([0, 1, 2, 3]), cls_target, token_target
     ).loss.backward()
     lam = 1 - 2 / 6
     mixed = lam * cls_target + (1 - lam) * cls_target.flip(0)

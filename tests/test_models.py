@@ -22,7 +22,7 @@ from lvvit.models import (
     read_state_dict,
     resize_pos_embed,
 )
-from lvvit.models.lvvit import Attention, drop_path, sample_mix_box
+from lvvit.models.lvvit import Attention, box_mask, drop_path, sample_mix_box
 
 TINY = dict(embed_dim=48, depth=2, num_heads=2, stem_width=16)
 
@@ -459,9 +459,10 @@ def test_mixtoken_swaps_the_box_and_unmixes_aux():
 
     seen = {}
     hook = model.blocks[0].register_forward_pre_hook(lambda _m, args: seen.update(x=args[0]))
-    _, aux, box = model(x)
+    _, aux, mask = model(x)
     hook.remove()
-    assert box == sample_mix_box(4, 4, torch.Generator().manual_seed(seed))
+    box = sample_mix_box(4, 4, torch.Generator().manual_seed(seed))
+    assert torch.equal(mask, box_mask(box, 4, 4))
     x0, y0, x1, y1 = box
 
     stem = model.patch_embed(x).permute(0, 2, 3, 1)
@@ -471,8 +472,8 @@ def test_mixtoken_swaps_the_box_and_unmixes_aux():
     torch.testing.assert_close(tokens, mixed.reshape(3, 16, -1), atol=1e-5, rtol=0)
 
     model.mix_token = False
-    _, plain_aux, no_box = model(x)
-    assert no_box is None
+    _, plain_aux, no_mask = model(x)
+    assert no_mask is None
     torch.testing.assert_close(aux, plain_aux, atol=1e-5, rtol=0)
     inside = plain_aux.reshape(3, 4, 4, -1)[:, y0:y1, x0:x1]
     assert not torch.allclose(inside, inside.flip(0), atol=1e-3)  # un-mixing was needed
@@ -485,7 +486,7 @@ def test_same_generator_seed_gives_same_training_step():
         torch.manual_seed(0)
         model = tiny(mix_generator=torch.Generator().manual_seed(3)).train()
         outs.append(model(x))
-    assert outs[0][2] == outs[1][2]
+    assert torch.equal(outs[0][2], outs[1][2])
     assert torch.equal(outs[0][1], outs[1][1])
 
 
@@ -501,8 +502,8 @@ def test_eval_output_is_cls_plus_half_max_aux():
 
 
 def test_train_output_shapes():
-    cls, aux, box = tiny(num_classes=5).train()(torch.randn(2, 3, 64, 64))
-    assert cls.shape == (2, 5) and aux.shape == (2, 16, 5) and len(box) == 4
+    cls, aux, mask = tiny(num_classes=5).train()(torch.randn(2, 3, 64, 64))
+    assert cls.shape == (2, 5) and aux.shape == (2, 16, 5) and mask.shape == (4, 4) and mask.dtype == torch.bool
 
 
 def test_sdpa_attention_equals_explicit_softmax_form():

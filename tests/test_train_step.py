@@ -12,6 +12,7 @@ import torch._inductor.config
 
 from lvvit.loss import TokenLabelingLoss
 from lvvit.models import create_model
+from lvvit.models.lvvit import box_mask
 from lvvit.targets import build_token_targets, crop_weights, targets_from_weights
 from lvvit.train.step import STEP_STATS, Objective, PlainEngine, train_step
 
@@ -58,8 +59,8 @@ def test_target_builder_and_loss_compile_without_graph_breaks():
     g = torch.Generator().manual_seed(1)
     cls_logits = torch.randn(4, CLASSES, generator=g, requires_grad=True)
     aux_logits = torch.randn(4, 16, CLASSES, generator=g, requires_grad=True)
-    for box in ((1, 0, 3, 2), None):  # with and without MixToken
-        outputs = (cls_logits, aux_logits, box)
+    for mask in (box_mask((1, 0, 3, 2), 4, 4), box_mask((0, 1, 4, 4), 4, 4), None):  # MixToken boxes, none
+        outputs = (cls_logits, aux_logits, mask)
         got = compiled_loss(outputs, batch["labels"], cls_t, tok_t)
         want = loss_fn(outputs, batch["labels"], ref_cls, ref_tok)
         for g_part, w_part in zip(got, want, strict=True):
@@ -91,6 +92,27 @@ def test_compiled_and_eager_steps_give_the_same_loss():
     for got, want in zip(comp_params, eager_params, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
     assert not torch.equal(eager.head.weight, initial)  # the steps did update
+
+
+def test_compiled_step_does_not_recompile_for_new_mixtoken_boxes():
+    """A new MixToken box every step is data to the compiled model and loss, not a new
+    graph: after one warm-up step, steps with other boxes run with recompiling forbidden."""
+    torch.manual_seed(0)
+    model = create_model("lvvit_t", **TINY, mix_generator=torch.Generator().manual_seed(0))
+    model.compile(backend="aot_eager")
+    engine = PlainEngine(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    compiled_loss, masks = torch.compile(TokenLabelingLoss(), backend="aot_eager"), []
+
+    def loss_fn(outputs, *targets):  # eager: records each step's mask, then the compiled loss
+        masks.append(outputs[2].clone())
+        return compiled_loss(outputs, *targets)
+
+    step_objective = objective(model, loss_fn)
+    train_step(engine, step_objective, [label_batch(0)])
+    with torch.compiler.set_stance("fail_on_recompile"):
+        stats = [train_step(engine, step_objective, [label_batch(s)]) for s in range(1, 7)]
+    assert len({tuple(m.flatten().tolist()) for m in masks}) >= 3  # the boxes did change
+    assert all(torch.isfinite(s).all() and s[STEP_STATS.index("finite_micro_batches")] == 1 for s in stats)
 
 
 def test_non_finite_micro_batch_adds_nothing_and_is_counted():

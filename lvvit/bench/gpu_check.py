@@ -165,30 +165,30 @@ def _engine(args: argparse.Namespace, sizes: Sizes, spec: tuple[str, int, int], 
 
 
 def _train_step(engine, model, spec: tuple[str, int, int], device: str, compiled: bool) -> Callable[[], None]:
-    from lvvit.bench.train import _batch, _objective, _timed_step
+    from lvvit.bench.train import bench_objective, synthetic_batch, timed_step
     from lvvit.train.ema import ModelEma
 
     _, size, batch = spec
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    data = _batch(batch, size, model.cfg.num_classes)
+    data = synthetic_batch(batch, size, model.cfg.num_classes)
     if device == "cuda":
         data = {k: v.pin_memory() for k, v in data.items()}
     if compiled:
         engine.compile()
-    return _timed_step(engine, _objective(model, compiled, device, dtype), data, ModelEma(engine.module, 0.99992))
+    return timed_step(engine, bench_objective(model, compiled, device, dtype), data, ModelEma(engine.module, 0.99992))
 
 
 def _median_step_seconds(step: Callable[[], None], sizes: Sizes, device: str) -> float:
-    from lvvit.bench.train import _time
+    from lvvit.bench.train import step_times
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    _time(step, sizes.warmup, sync)
-    return statistics.median(_time(step, sizes.steps, sync))
+    step_times(step, sizes.warmup, sync)
+    return statistics.median(step_times(step, sizes.steps, sync))
 
 
 def train_throughput(args: argparse.Namespace, sizes: Sizes, spec: tuple[str, int, int], device: str,
                      compiled: bool) -> str:
-    from lvvit.bench.train import forward_flops
+    from lvvit.bench.train import forward_flops, peak_tflops
 
     engine, model = _engine(args, sizes, spec, device, grad_checkpointing=False)
     try:
@@ -216,18 +216,6 @@ def train_peak_memory(args: argparse.Namespace, sizes: Sizes, spec: tuple[str, i
         return f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB peak allocated ({ips})"
     finally:
         del engine, model
-
-
-def peak_tflops(args: argparse.Namespace) -> float:
-    from lvvit.bench.train import PEAK_BF16_TFLOPS
-
-    if args.peak_tflops:
-        return args.peak_tflops
-    name = torch.cuda.get_device_name()
-    for key, peak in PEAK_BF16_TFLOPS.items():
-        if key in name:
-            return peak
-    raise ValueError(f"unknown bf16 peak for {name!r}; pass --peak-tflops")
 
 
 # ------------------------------------------------------------------------- inference rows

@@ -17,6 +17,8 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -49,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak (default: by name)")
 
 
-def _batch(batch: int, img_size: int, num_classes: int, map_size: int = 7, top_k: int = 5) -> dict:
+def synthetic_batch(batch: int, img_size: int, num_classes: int, map_size: int = 7, top_k: int = 5) -> dict:
     """A loader-shaped CPU batch with random label maps and crops, fixed for every step."""
     g = torch.Generator().manual_seed(0)
     lo = torch.rand(batch, 2, generator=g) * 0.4
@@ -65,8 +67,9 @@ def _batch(batch: int, img_size: int, num_classes: int, map_size: int = 7, top_k
     }
 
 
-def _timed_step(engine, objective: Objective, batch: dict, ema: ModelEma):
-    """One optimizer step as ``train.py`` takes it: ``train_step``, then the EMA update."""
+def timed_step(engine: Any, objective: Objective, batch: dict, ema: ModelEma) -> Callable[[], None]:
+    """One optimizer step as ``train.py`` takes it: ``train_step``, then the EMA update.
+    Shared by ``lvvit-bench train`` and the GPU check so both time the step training runs."""
     def step() -> None:
         train_step(engine, objective, [batch])
         ema.update()
@@ -74,13 +77,15 @@ def _timed_step(engine, objective: Objective, batch: dict, ema: ModelEma):
     return step
 
 
-def _objective(model, compiled: bool, device: str, dtype: torch.dtype) -> Objective:
+def bench_objective(model: torch.nn.Module, compiled: bool, device: str, dtype: torch.dtype) -> Objective:
+    """The default token-labeling loss and the model's target geometry, compiled or not."""
     loss_fn = TokenLabelingLoss()
     return Objective(loss_fn=torch.compile(loss_fn) if compiled else loss_fn, num_classes=model.cfg.num_classes,
                      token_grid=model.cfg.grid_size, smoothing=0.1, device=torch.device(device), dtype=dtype)
 
 
-def _time(step, n: int, sync) -> list[float]:
+def step_times(step: Callable[[], None], n: int, sync: Callable[[], None]) -> list[float]:
+    """Seconds of ``n`` calls of ``step``, each ended by ``sync`` (the device's, or a no-op)."""
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -119,7 +124,7 @@ def run_cpu(args: argparse.Namespace) -> float:
     plain = create_model(args.model, **kwargs)
     ds_model = create_model(args.model, **kwargs)
     ds_model.load_state_dict(plain.state_dict())
-    batch = _batch(args.batch, args.img_size, 100)
+    batch = synthetic_batch(args.batch, args.img_size, 100)
     plain_engine = PlainEngine(plain, torch.optim.AdamW(param_groups(plain, 0.05), lr=1e-4))
     engine, *_ = deepspeed.initialize(model=ds_model, model_parameters=param_groups(ds_model, 0.05),
                                       config=_ds_config(args.batch, bf16=False))
@@ -127,19 +132,19 @@ def run_cpu(args: argparse.Namespace) -> float:
         plain.compile()
         engine.compile()
     sides = {
-        "pytorch": _timed_step(plain_engine, _objective(plain, args.compile, "cpu", torch.float32), batch,
+        "pytorch": timed_step(plain_engine, bench_objective(plain, args.compile, "cpu", torch.float32), batch,
                                ModelEma(plain, 0.99992)),
-        "deepspeed": _timed_step(engine, _objective(ds_model, args.compile, "cpu", torch.float32), batch,
+        "deepspeed": timed_step(engine, bench_objective(ds_model, args.compile, "cpu", torch.float32), batch,
                                  ModelEma(engine.module, 0.99992)),
     }
     times: dict[str, list[float]] = {k: [] for k in sides}
     for step in sides.values():
-        _time(step, args.warmup, lambda: None)
+        step_times(step, args.warmup, lambda: None)
     per_round = max(args.steps // args.rounds, 1)
     for r in range(args.rounds):
         order = list(sides) if r % 2 == 0 else list(reversed(sides))  # neither side always goes first
         for name in order:
-            times[name] += _time(sides[name], per_round, lambda: None)
+            times[name] += step_times(sides[name], per_round, lambda: None)
     med = {k: statistics.median(v) for k, v in times.items()}
     params = sum(p.numel() for p in plain.parameters())
     print(f"{args.model} {params / 1e6:.2f}M params @{args.img_size}, batch {args.batch}, fp32 CPU, "
@@ -152,14 +157,15 @@ def run_cpu(args: argparse.Namespace) -> float:
     return ratio
 
 
-def _peak_tflops(args: argparse.Namespace) -> float:
+def peak_tflops(args: argparse.Namespace) -> float:
+    """The device's dense bf16 peak for MFU: ``--peak-tflops``, else by the device's name."""
     if args.peak_tflops:
         return args.peak_tflops
     name = torch.cuda.get_device_name()
     for key, peak in PEAK_BF16_TFLOPS.items():
         if key in name:
             return peak
-    raise SystemExit(f"unknown bf16 peak for {name!r}; pass --peak-tflops")
+    raise ValueError(f"unknown bf16 peak for {name!r}; pass --peak-tflops")
 
 
 def forward_flops(model: torch.nn.Module, images: torch.Tensor) -> int:
@@ -177,14 +183,17 @@ def run_gpu(args: argparse.Namespace) -> None:
 
     if not torch.cuda.is_available():
         raise SystemExit("--gpu needs CUDA (torch.cuda.is_available() is False)")
-    peak = _peak_tflops(args) * 1e12
+    try:
+        peak = peak_tflops(args) * 1e12
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     for spec in args.gpu_models.split(","):
         name, rest = spec.split("@")
         size, batch_size = (int(v) for v in rest.split(":"))
         model = create_model(name, img_size=size).cuda()
         if args.grad_checkpointing:
             model.set_grad_checkpointing(True)
-        batch = {k: v.pin_memory() for k, v in _batch(batch_size, size, model.cfg.num_classes).items()}
+        batch = {k: v.pin_memory() for k, v in synthetic_batch(batch_size, size, model.cfg.num_classes).items()}
         images = torch.randn(1, 3, size, size, device="cuda")
         flops = forward_flops(model.eval(), images) * (4 if args.grad_checkpointing else 3)
         model.train()
@@ -192,10 +201,10 @@ def run_gpu(args: argparse.Namespace) -> None:
                                           config=_ds_config(batch_size, bf16=True))
         if args.compile:
             engine.compile()
-        step = _timed_step(engine, _objective(model, args.compile, "cuda", torch.bfloat16), batch,
+        step = timed_step(engine, bench_objective(model, args.compile, "cuda", torch.bfloat16), batch,
                            ModelEma(engine.module, 0.99992))
-        _time(step, args.warmup, torch.cuda.synchronize)
-        t = statistics.median(_time(step, args.steps, torch.cuda.synchronize))
+        step_times(step, args.warmup, torch.cuda.synchronize)
+        t = statistics.median(step_times(step, args.steps, torch.cuda.synchronize))
         ips = batch_size / t
         print(f"{name} @{size} batch {batch_size} bf16 ZeRO-2{' compiled' if args.compile else ''}: "
               f"{ips:8.1f} img/s, {flops / 1e9:.1f} GFLOP/img (train), MFU {100 * ips * flops / peak:.1f}%")

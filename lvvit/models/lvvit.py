@@ -149,23 +149,41 @@ def sample_mix_box(grid_h: int, grid_w: int, generator: torch.Generator | None =
     return x0, y0, x1, y1
 
 
-def swap_box_with_flipped(x: torch.Tensor, box: MixBox) -> torch.Tensor:
-    """Replace the box of ``x [B, H, W, C]`` by the same box of ``x.flip(0)``.
+def box_mask(box: MixBox, grid_h: int, grid_w: int) -> torch.Tensor:
+    """The box as a bool mask ``[grid_h, grid_w]`` (True inside), on the CPU."""
+    x0, y0, x1, y1 = box
+    mask = torch.zeros(grid_h, grid_w, dtype=torch.bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+@torch.compiler.disable
+def sample_mix_mask(grid_h: int, grid_w: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """A MixToken box (:func:`sample_mix_box`) as a mask on ``device``.
+
+    Why a mask and not the box's four ints: a compiled model would specialize on those ints
+    and re-compile for every new box, and a compiled loss on the ``lam`` they give. As a
+    tensor the box is data: one graph serves every box. Kept out of the compiled graph
+    (the draw is Python on the CPU generator) and copied without waiting for the device.
+    """
+    return box_mask(sample_mix_box(grid_h, grid_w, generator), grid_h, grid_w).to(device, non_blocking=True)
+
+
+def swap_masked_with_flipped(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Replace the masked tokens of ``x [B, H, W, C]`` by those of ``x.flip(0)``.
 
     Swapping twice is the identity, which is how the aux outputs are un-mixed.
     """
-    x0, y0, x1, y1 = box
-    out = x.clone()
-    out[:, y0:y1, x0:x1] = x.flip(0)[:, y0:y1, x0:x1]
-    return out
+    return torch.where(mask[:, :, None], x.flip(0), x)
 
 
 class LVViT(nn.Module):
     """LV-ViT with a class head on the class token and an aux head on every patch token.
 
-    Train mode returns ``(cls_logits [B, C], aux_logits [B, N, C], mix_box)`` with the aux
-    tokens already moved back to the sample they came from; ``mix_box`` is ``None`` when
-    MixToken is off. Eval mode returns ``cls + 0.5 * aux.max(1)``, the official test-time
+    Train mode returns ``(cls_logits [B, C], aux_logits [B, N, C], mix_mask)`` with the aux
+    tokens already moved back to the sample they came from; ``mix_mask`` is the swapped
+    box as a bool ``[H, W]`` token mask, ``None`` when MixToken is off. Eval mode returns
+    ``cls + 0.5 * aux.max(1)``, the official test-time
     combination, with no data-dependent control flow so it exports to ONNX.
     """
 
@@ -235,15 +253,15 @@ class LVViT(nn.Module):
     def forward(self, x: torch.Tensor):
         x = self.patch_embed(x).permute(0, 2, 3, 1)  # B, H, W, D
         B, H, W, D = x.shape
-        box = None
+        mask = None
         if self.training and self.mix_token:
-            box = sample_mix_box(H, W, self.mix_generator)
-            x = swap_box_with_flipped(x, box)
+            mask = sample_mix_mask(H, W, self.mix_generator, x.device)
+            x = swap_masked_with_flipped(x, mask)
         x = self.forward_tokens(x.reshape(B, H * W, D))
         cls = self.head(x[:, 0])
         aux = self.aux_head(x[:, 1:])
         if not self.training:
             return cls + 0.5 * aux.max(dim=1).values
-        if box is not None:
-            aux = swap_box_with_flipped(aux.reshape(B, H, W, -1), box).reshape(B, H * W, -1)
-        return cls, aux, box
+        if mask is not None:
+            aux = swap_masked_with_flipped(aux.reshape(B, H, W, -1), mask).reshape(B, H * W, -1)
+        return cls, aux, mask

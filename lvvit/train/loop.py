@@ -310,16 +310,16 @@ class Trainer:
     def ema_from_file(self, path: Path) -> ModelEma | None:
         """The file's EMA weights as the run's EMA (``None`` when it has none), adapted to the
         model like the raw weights (pos_embed at another resolution)."""
-        from lvvit.models.checkpoint import CheckpointError, load_checkpoint, read_state_dict
+        from lvvit.models.checkpoint import CheckpointError, load_weights, read_checkpoint
         from lvvit.train.ema import ModelEma
 
         try:
-            read_state_dict(path, use_ema=True)
+            checkpoint = read_checkpoint(path, use_ema=True)
         except CheckpointError:
             log.info("%s has no EMA weights: evaluating the raw weights only", path)
             return None
         model, _ = build_model(self.args, self.num_classes, load=False)
-        load_checkpoint(model, path, use_ema=True)
+        load_weights(model, checkpoint)
         ema = ModelEma(self.engine.module, self.args.ema_decay)
         ema.load_full_state_dict(model.state_dict())
         return ema
