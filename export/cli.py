@@ -1,5 +1,6 @@
-"""``lvvit-export``: LV-ViT weights -> ONNX (checked against PyTorch in ONNX Runtime),
-optionally a TensorRT engine, a Triton model repository and an MLflow model version.
+"""``lvvit-export``: LV-ViT weights -> ONNX (checked against PyTorch in ONNX Runtime; int8:
+calibrated on shards and gated on held-out accuracy), optionally a TensorRT engine, a
+Triton model repository and an MLflow model version.
 
 Exit status: 0 done; 1 an error (nothing half-written is left under --out);
 2 bad arguments; 3 --trt could not run here (no tensorrt or no GPU): the ONNX export
@@ -27,6 +28,7 @@ from lvvit.models import LVViT
 
 from .errors import ExportError, TensorRTUnavailable
 from .folder import (
+    FP32_FILE,
     INFO_FILE,
     LABELS_FILE,
     MODEL_FILE,
@@ -39,6 +41,17 @@ from .folder import (
     staged_output,
     verify_export_dir,
     write_json,
+)
+from .int8 import (
+    CALIBRATION_METHODS,
+    FLOAT_KEPT,
+    FORMAT,
+    QUANTIZED_OPS,
+    ImageSource,
+    accuracy_gate,
+    calibration_inputs,
+    labelled_batches,
+    quantize,
 )
 from .onnx_export import (
     INPUT_NAME,
@@ -87,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("ONNX")
     g.add_argument("--out", type=Path, help="export folder (created; see docs/export.md)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing --out / Triton model")
-    g.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
-                   help="compute precision inside the graph; I/O stay float32/uint8 in, float32 out")
+    g.add_argument("--precision", choices=sorted([*PRECISIONS, "int8"]), default="fp32",
+                   help="compute precision inside the graph; I/O stay float32/uint8 in, float32 out "
+                        "(int8 needs --calibration-shards)")
     g.add_argument("--max-batch", type=int, default=64, help="largest batch (parity, TensorRT, Triton)")
     g.add_argument("--uint8-input", action="store_true",
                    help="take uint8 NCHW pixels and normalise inside the graph (4x fewer bytes)")
@@ -102,6 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--parity-atol", type=float, default=None,
                    help="override the max |diff| allowed (default 1e-4 fp32; relative for fp16/bf16)")
     g.add_argument("--parity-min-top1", type=float, default=None, help="override the top-1 agreement needed")
+
+    g = p.add_argument_group("int8 (static quantization, accuracy-gated)")
+    g.add_argument("--calibration-shards", default=None, metavar="SOURCE",
+                   help="labelled shards (any shard source) whose images calibrate the int8 graph")
+    g.add_argument("--calibration-samples", type=int, default=256, metavar="N",
+                   help="calibrate on the first N readable samples (manifest order; default 256)")
+    g.add_argument("--calibration-method", choices=CALIBRATION_METHODS, default="minmax",
+                   help="activation range estimator (default minmax: see docs/export.md)")
+    g.add_argument("--eval-shards", default=None, metavar="SOURCE",
+                   help="held-out labelled shards for the accuracy gate (default: the samples of "
+                        "--calibration-shards after the first N)")
 
     g = p.add_argument_group("TensorRT")
     g.add_argument("--trt", action="store_true", help="also build model.plan (needs a GPU and tensorrt)")
@@ -198,11 +223,27 @@ def model_info(args: argparse.Namespace, spec: ModelSpec, model: LVViT, opset: i
         "input_dtype": "uint8" if args.uint8_input else "float32",
         "output_name": OUTPUT_NAME,
         "precision": args.precision,
+        **(int8_info(args) if args.precision == "int8" else {}),
         "max_batch": args.max_batch,
         "opset": opset,
         "source_checkpoint": str(args.checkpoint.resolve()) if args.checkpoint else None,
         "ema": bool(args.ema and args.checkpoint),
         "model_args": spec.overrides,
+    }
+
+
+def int8_info(args: argparse.Namespace) -> dict:
+    """What a server or TensorRT needs to know about an int8 graph, and how it was made."""
+    return {
+        "format": FORMAT,
+        "tensorrt_source": MODEL_FILE,
+        "quantization": {
+            "activations": "uint8 per-tensor", "weights": "int8 per-channel",
+            "quantized_ops": list(QUANTIZED_OPS), "kept_float": FLOAT_KEPT,
+            "calibration_method": args.calibration_method,
+            "calibration_shards": args.calibration_shards, "calibration_samples": args.calibration_samples,
+            "eval_shards": args.eval_shards,
+        },
     }
 
 
@@ -215,29 +256,36 @@ def export_folder(args: argparse.Namespace, model: LVViT, spec: ModelSpec, names
                   stage: Path) -> tuple[dict, Exception | None]:
     """Everything under --out, written into ``stage``. Returns model.json and the TensorRT
     error (if --trt failed): the checked ONNX export is worth keeping without an engine."""
-    opset = args.opset or default_opset(args.precision)
+    int8 = args.precision == "int8"
+    float_precision = "fp32" if int8 else args.precision
+    opset = args.opset or default_opset(float_precision)
     info = model_info(args, spec, model, opset)
     metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in info.items()}
     metadata["class_names"] = json.dumps(names)
-    onnx_path = stage / MODEL_FILE
+    onnx_path = stage / (FP32_FILE if int8 else MODEL_FILE)
     step = Timer()
-    export_onnx(model, onnx_path, spec.img_size, args.precision, args.uint8_input, opset, metadata)
+    export_onnx(model, onnx_path, spec.img_size, float_precision, args.uint8_input, opset, metadata)
     load_onnx(onnx_path)
-    _logger.info("exported and checked %s (opset %d, %s, %.1f MB) in %.1fs", MODEL_FILE, opset,
-                 args.precision, onnx_path.stat().st_size / 1e6, step())
+    _logger.info("exported and checked %s (opset %d, %s, %.1f MB) in %.1fs", onnx_path.name, opset,
+                 float_precision, onnx_path.stat().st_size / 1e6, step())
 
     session = ort_session(onnx_path)
     sizes = sorted({1, args.parity_batch or args.max_batch})
     inputs = [as_model_input(parity_pixels(b, spec.img_size, seed=args.seed + 1 + i), args.uint8_input)
               for i, b in enumerate(sizes)]
     report, _ = check_parity(
-        ort_runner(session), torch_reference(model, args.uint8_input), inputs, args.precision,
+        ort_runner(session), torch_reference(model, args.uint8_input), inputs, float_precision,
         f"onnxruntime:{session.get_providers()[0]}", "pytorch-fp32-eager",
         abs_tolerance=args.parity_atol, min_top1=args.parity_min_top1,
     )
     print(report.summary(), flush=True)
     report.raise_if_failed()
     parity = {"onnxruntime": report.to_dict(), "versions": versions()}
+    if int8:
+        parity["int8_accuracy"] = quantize_checked(args, spec, model, onnx_path, session, stage / MODEL_FILE)
+        onnx_path.unlink()
+        onnx_path = stage / MODEL_FILE
+        session = ort_session(onnx_path)
 
     info["onnx_sha256"] = file_sha256(onnx_path)
     write_json(stage / INFO_FILE, info)
@@ -253,6 +301,30 @@ def export_folder(args: argparse.Namespace, model: LVViT, spec: ModelSpec, names
         except Exception as err:  # TensorRT's bindings raise plain RuntimeError/TypeError
             trt_error = ExportError(f"TensorRT engine not built: {type(err).__name__}: {err}")
     return info, trt_error
+
+
+def quantize_checked(args: argparse.Namespace, spec: ModelSpec, model: LVViT, fp32_path: Path,
+                     fp32_session, out_path: Path) -> dict:
+    """Calibrate and quantize ``fp32_path`` into ``out_path``, then gate it on held-out
+    accuracy against the fp32 graph; a failure raises before anything is kept."""
+    crop_pct, step = model.cfg.crop_pct, Timer()
+    calibration = ImageSource("--calibration-shards", args.calibration_shards, limit=args.calibration_samples)
+    held_out = (ImageSource("--eval-shards", args.eval_shards) if args.eval_shards else
+                ImageSource("--calibration-shards", args.calibration_shards, skip=args.calibration_samples))
+    batches = calibration_inputs(calibration, spec.img_size, crop_pct, args.uint8_input)
+    quantize(fp32_path, out_path, INPUT_NAME, batches, args.calibration_method)
+    load_onnx(out_path)
+    _logger.info("quantized %s to int8 (%s, %s calibration on %d images, %.1f MB) in %.1fs",
+                 fp32_path.name, FORMAT, args.calibration_method, sum(len(b) for b in batches),
+                 out_path.stat().st_size / 1e6, step())
+    report = accuracy_gate(
+        ort_runner(ort_session(out_path)), ort_runner(fp32_session),
+        labelled_batches(held_out, spec.img_size, crop_pct, args.uint8_input),
+        f"{held_out.flag} {held_out.spec}" + (f" after sample {held_out.skip}" if held_out.skip else ""),
+    )
+    print(report.summary(), flush=True)
+    report.raise_if_failed()
+    return report.to_dict()
 
 
 def build_checked_engine(args, spec: ModelSpec, onnx_path: Path, session, inputs, stage: Path) -> dict:
@@ -361,6 +433,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--out is required (or --check DIR to verify an export)")
     if args.max_batch < 1 or not 1 <= (args.parity_batch or 1) <= args.max_batch:
         parser.error("need --max-batch >= 1 and 1 <= --parity-batch <= --max-batch")
+    if args.precision == "int8" and args.check is None and not args.calibration_shards:
+        parser.error("--precision int8 needs --calibration-shards SOURCE (labelled images to calibrate on)")
+    if args.calibration_samples < 1:
+        parser.error("--calibration-samples must be >= 1")
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
     root = logging.getLogger("lvvit")

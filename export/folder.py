@@ -18,6 +18,8 @@ from .errors import ExportError
 from .onnx_export import io_spec, load_onnx, ort_session
 
 MODEL_FILE = "model.onnx"
+FP32_FILE = "model.fp32.onnx"
+"""The float graph an int8 export quantizes; it lives only in the staging folder."""
 INFO_FILE = "model.json"
 LABELS_FILE = "labels.txt"
 PARITY_FILE = "parity.json"

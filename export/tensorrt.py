@@ -2,7 +2,8 @@
 
 Precision comes from the ONNX graph: TensorRT >= 10.12 builds a strongly typed network
 (the only kind in TensorRT 11, where the precision builder flags are gone); older
-versions get the matching ``BuilderFlag`` instead. The engine has one optimization
+versions get the matching ``BuilderFlag`` instead. An int8 export is a QDQ graph, which
+TensorRT builds as an explicitly quantized INT8 engine with the graph's own scales. The engine has one optimization
 profile for batch 1..max-batch and reuses a timing cache across builds.
 """
 
@@ -86,6 +87,8 @@ def build_engine(
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
     if not strongly_typed and precision in ("fp16", "bf16"):
         config.set_flag(trt.BuilderFlag.FP16 if precision == "fp16" else trt.BuilderFlag.BF16)
+    if not strongly_typed and precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)  # explicit quantization: scales come from the QDQ nodes
 
     name = network.get_input(0).name
     shape = (3, img_size, img_size)

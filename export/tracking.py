@@ -80,6 +80,7 @@ def log_export(
             input_example={info["input_name"]: example},
             registered_model_name=register_name or None,
             save_as_external_data=False,
+            onnx_execution_providers=loadable_providers(),
             # stated, not inferred: inference imports the model in a subprocess (slow, and
             # it would list everything this process happens to have loaded)
             pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"],
@@ -92,6 +93,17 @@ def log_export(
     except Exception as err:  # MlflowException, connection errors (bounded by bound_http_requests)
         raise ExportError(f"MLflow logging to run {run_id!r} failed: {str(err).splitlines()[0][:300]}") from err
     return model_info.model_uri
+
+
+def loadable_providers() -> list[str]:
+    """The providers the logged model asks for: those this ONNX Runtime has, CUDA first.
+
+    MLflow's ONNX flavour filters the recorded list by what the loading machine has and
+    warns about every missing entry; its default (CUDA, CPU) made every CPU-only load warn.
+    """
+    from .onnx_export import default_providers
+
+    return default_providers()
 
 
 def resolve_tracking_uri(cli_uri: str | None, record: dict | None) -> str | None:

@@ -43,7 +43,7 @@ def config_text(
     trt_accelerator: str | None = None,
     max_queue_delay_us: int = 2000,
 ) -> str:
-    """``config.pbtxt`` for one model. ``trt_accelerator`` ("FP32"/"FP16") adds ONNX Runtime's
+    """``config.pbtxt`` for one model. ``trt_accelerator`` ("FP32"/"FP16"/"INT8") adds ONNX Runtime's
     TensorRT execution accelerator (GPU instances only)."""
     if trt_accelerator and not gpu:
         raise ExportError("the TensorRT accelerator needs GPU instances (--triton-gpu)")
@@ -154,7 +154,8 @@ def write_triton_repo(
     onnx_files = {p.name: p for p in sorted(export_dir.glob("model.onnx*"))}
     accel = None
     if trt_accelerator:
-        accel = "FP16" if model_info["precision"] == "fp16" else "FP32"
+        # an int8 export is a QDQ graph: INT8 mode makes TensorRT use its scales
+        accel = {"fp16": "FP16", "int8": "INT8"}.get(model_info["precision"], "FP32")
     written = [write_model(
         repo, f"{prefix}_onnx",
         config_text(f"{prefix}_onnx", "onnxruntime_onnx", max_batch, inp, out, gpu, accel),

@@ -2,7 +2,9 @@
 
 ``tensorrt`` runs ``model.onnx`` through ORT's TensorRT execution provider (engines cached
 in ``~/.cache/lvvit/ort-tensorrt``); ``model.plan`` is the engine for Triton's
-``tensorrt_plan`` backend and is not loaded here. A provider this ONNX Runtime build lacks
+``tensorrt_plan`` backend and is not loaded here. An int8 export's ``model.onnx`` is a QDQ
+graph: the CPU provider runs its integer kernels as is, and the TensorRT provider is told
+to build INT8 from the graph's own scales. A provider this ONNX Runtime build lacks
 is a start-up error naming the providers it does have, never a silent fall-back to CPU.
 """
 
@@ -27,7 +29,7 @@ class ProviderUnavailable(RuntimeError):
 TRT_CACHE = Path.home() / ".cache" / "lvvit" / "ort-tensorrt"
 
 
-def provider_chain(provider: str, cache_dir: Path = TRT_CACHE) -> list:
+def provider_chain(provider: str, cache_dir: Path = TRT_CACHE, int8: bool = False) -> list:
     """ORT provider list for ``provider``; raises when its first provider is missing here."""
     if provider not in PROVIDERS:
         raise ValueError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
@@ -43,7 +45,8 @@ def provider_chain(provider: str, cache_dir: Path = TRT_CACHE) -> list:
             f"{ort.__version__} does not have (available: {', '.join(available)}); {hint}"
         )
     if provider == "tensorrt":
-        trt_options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir)}
+        trt_options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir),
+                       **({"trt_int8_enable": True} if int8 else {})}
         return [("TensorrtExecutionProvider", trt_options), *chain[1:]]
     return list(chain)
 
@@ -52,11 +55,11 @@ class OnnxEngine:
     """One ORT session; ``run`` is thread-safe, so the batcher can call it off the event loop."""
 
     def __init__(self, onnx_path: Path, input_name: str, output_name: str, provider: str = "cpu",
-                 threads: int = 0) -> None:
+                 threads: int = 0, int8: bool = False) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(
-            str(onnx_path), options, providers=provider_chain(provider)
+            str(onnx_path), options, providers=provider_chain(provider, int8=int8)
         )
         self.input_name = input_name
         self.output_name = output_name

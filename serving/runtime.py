@@ -63,6 +63,7 @@ class LVViTRuntime(MLModel):
         self.engine = OnnxEngine(
             self.model_dir.onnx_path, self.model_dir.input_name, self.model_dir.output_name,
             provider=extra.get("provider", "cpu"), threads=int(extra.get("threads", 0)),
+            int8=self.model_dir.precision == "int8",
         )
         self.spec = InputSpec(
             img_size=self.model_dir.img_size, dtype=self.model_dir.input_dtype,

@@ -39,7 +39,13 @@ def test_every_stage_runs_and_the_server_agrees_with_pytorch(finished):
     assert serve["server_top1"] == serve["torch_top1"]
     assert serve["server_exit_code"] == 0
     assert records["export"]["parity"]["onnxruntime"]["passed"] is True
+    int8 = records["export"]["int8"]  # gated on the val shards: figures, or the gate's refusal
+    assert "refused" in int8 or (int8["passed"] and int8["images"] == records["data"]["val"])
+    assert records["export"]["images_per_second"]["fp32"]["1"] > 0
+    assert "img/s batch  1, 1 thread, fp32 / int8:" in run.stdout
     assert records["label"]["labeled_images"] == records["data"]["train"]
+    assert records["label"]["teacher_format"] == "onnx"  # the teacher exported to ONNX, made dense
+    assert "is a classifier (ReduceMean -> Gemm): made dense" in (out / "logs" / "label.log").read_text()
     assert "lvvit demo: summary" in run.stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in run.stdout
 

@@ -28,7 +28,7 @@ BIN = Path(sys.executable).parent
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 CONSOLE_SCRIPTS = {"lvvit-shards", "lvvit-label", "lvvit-export", "lvvit-serve", "lvvit-bench"}
-WITH_SUBCOMMAND = {"lvvit-shards", "lvvit-bench"}
+WITH_SUBCOMMAND = {"lvvit-shards", "lvvit-bench", "lvvit-label"}  # lvvit-label: dense-teacher
 LAUNCHERS = {"deepspeed", "torchrun"}
 SHELL_LANGS = {"", "bash", "sh", "shell", "console", "shell-session"}
 PREFIXES = {"env", "time", "nohup", "exec", "sudo"}

@@ -205,9 +205,9 @@ def test_crashed_and_terminated_runs_are_failed_and_killed(data, server, tmp_pat
     assert run.info.status == "FAILED" and run.info.end_time is not None
     assert not (out / "mlflow-spool.jsonl").exists()
 
-    out = tmp_path / "term"
-    rc, text, _ = train(train_args(data["tlm"], out, "--no-eval"), server.uri, until="step 2 loss",
-                        then=lambda proc: proc.send_signal(signal.SIGTERM))
+    out = tmp_path / "term"  # without preemption handling (tests/test_preemption.py has it)
+    rc, text, _ = train(train_args(data["tlm"], out, "--no-eval", "--preempt-signals", "none"), server.uri,
+                        until="step 2 loss", then=lambda proc: proc.send_signal(signal.SIGTERM))
     assert rc == 128 + signal.SIGTERM, text[-4000:]
     run_id = json.loads((out / "mlflow_run.json").read_text())["run_id"]
     assert client.get_run(run_id).info.status == "KILLED"

@@ -1,4 +1,4 @@
-"""``lvvit-bench {data,train,infer,serve}``: each benchmark measures ours against its
+"""``lvvit-bench {data,train,infer,serve,label}``: each benchmark measures ours against its
 baseline in the same run and prints the ratio last, so noisy shared machines compare
 like with like. Results are recorded in docs/benchmarks.md."""
 
@@ -10,8 +10,9 @@ import importlib
 BENCHMARKS = {
     "data": "decode + crop + flip pipeline vs the naive PIL path; label-map bytes vs official",
     "train": "DeepSpeed ZeRO-2 step time vs plain PyTorch, same model and optimizer",
-    "infer": "ONNX Runtime vs PyTorch eager, images/s at batch 1, 8, 32",
+    "infer": "ONNX Runtime (fp32 and int8) vs PyTorch eager, images/s at batch 1, 8, 32",
     "serve": "lvvit-serve with 16 concurrent clients vs offline ONNX Runtime at max batch",
+    "label": "lvvit-label images/s, same small CNN as torch and as ONNX teacher; label bytes vs official",
 }
 
 

@@ -1,12 +1,17 @@
 """Inference throughput: ONNX Runtime (CPU) against PyTorch eager on the same LV-ViT and the
-same inputs, images/s at batch 1, 8 and 32; with a GPU also ORT CUDA and TensorRT fp16
-against PyTorch bf16. The two sides run in alternating rounds so a noisy shared machine
-slows both alike; each figure is the median round. Target: ORT >= 1.3x eager at batch 1.
+same inputs, images/s at batch 1, 8 and 32, plus the int8 QDQ graph lvvit-export writes
+(calibrated here on seeded random pixels: throughput only, the weights are random); with a
+GPU also ORT CUDA and TensorRT fp16 against PyTorch bf16. The sides run in alternating
+rounds so a noisy shared machine slows all alike; each figure is the median round.
+Targets: ORT fp32 >= 1.3x eager at batch 1; int8 >= 2.0x eager fp32 at batch 1 on one
+thread and >= 1.5x ORT fp32 at every batch size.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import statistics
 import tempfile
 import time
@@ -34,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "is one more ORT side of the same rounds (18,23: 23 writes ONNX's Attention op)")
     parser.add_argument("--opt-level", choices=OPT_LEVELS, default="all",
                         help="ORT graph optimisation level of the main comparison")
+    parser.add_argument("--no-int8", dest="int8", action="store_false",
+                        help="skip the int8 graph (static QDQ quantization, as lvvit-export --precision int8)")
     parser.add_argument("--no-sweep", dest="sweep", action="store_false",
                         help="skip the batch-1 sweep over ORT graph optimisation levels")
 
@@ -80,13 +87,16 @@ def print_table(title: str, rows: list[tuple[int, dict[str, float]]]) -> None:
         print(f"{batch:>6} " + " ".join(f"{result[n]:>26.1f}" for n in names))
 
 
-def cpu_benchmark(args, model: torch.nn.Module, onnx_paths: dict[int, Path], batches: list[int]) -> list[str]:
-    """PyTorch eager against one ORT CPU session per exported opset, all in the same rounds."""
+def cpu_benchmark(args, model: torch.nn.Module, onnx_paths: dict[int | str, Path], batches: list[int]) -> list[str]:
+    """PyTorch eager against one ORT CPU session per exported graph (fp32 per opset, and
+    the int8 graph under the key "int8"), all in the same rounds."""
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    sessions = {opset: ort_session(path, args.opt_level, threads, ["CPUExecutionProvider"])
-                for opset, path in onnx_paths.items()}
-    names = {opset: f"ort opset {opset} ({args.opt_level})" for opset in sessions}
+    sessions = {key: ort_session(path, args.opt_level, threads, ["CPUExecutionProvider"])
+                for key, path in onnx_paths.items()}
+    names = {key: f"ort opset {key} ({args.opt_level})" if key != "int8" else "ort int8 qdq"
+             for key in sessions}
+    fp32_name = names[next(iter(sessions))]
     rows, ratios = [], []
     for batch in batches:
         x = torch.randn(batch, 3, args.img_size, args.img_size)
@@ -101,11 +111,13 @@ def cpu_benchmark(args, model: torch.nn.Module, onnx_paths: dict[int, Path], bat
         result = compare(sides, batch, args.rounds, args.min_seconds)
         rows.append((batch, result))
         ratios.append(f"batch {batch}: " + ", ".join(
-            f"{result[names[opset]] / result['pytorch eager']:.2f}x (opset {opset})" for opset in sessions))
-    print_table(f"CPU, {threads} threads: {args.model} @ {args.img_size}, fp32", rows)
+            f"{result[names[key]] / result['pytorch eager']:.2f}x ({'int8' if key == 'int8' else f'opset {key}'})"
+            for key in sessions) + (f", int8 / ORT fp32 {result[names['int8']] / result[fp32_name]:.2f}x"
+                                   if "int8" in sessions else ""))
+    print_table(f"CPU, {threads} threads: {args.model} @ {args.img_size}, fp32 (and int8)", rows)
 
     if args.sweep:
-        opset, path = next(iter(onnx_paths.items()))
+        opset, path = next(iter(onnx_paths.items()))  # the first fp32 graph
         x_np = np.random.default_rng(0).standard_normal((1, 3, args.img_size, args.img_size), np.float32)
         levels = {level: ort_session(path, level, threads, ["CPUExecutionProvider"]) for level in OPT_LEVELS}
         sweep = compare({f"ort {level}": (lambda s=s: s.run(None, {"images": x_np}))
@@ -151,6 +163,33 @@ def gpu_benchmark(args, model: torch.nn.Module, batches: list[int], workdir: Pat
     return ratios
 
 
+def machine() -> str:
+    """CPU model, whether it has AVX-512 VNNI (ONNX Runtime's fast int8 path), and the load."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    simd = "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{name} ({simd}), {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+
+
+def int8_graph(fp32_path: Path, img_size: int, out: Path) -> Path:
+    """The int8 graph lvvit-export would write, calibrated on 16 seeded random images."""
+    from lvvit.export.int8 import quantize
+    from lvvit.export.onnx_export import INPUT_NAME
+    from lvvit.export.parity import as_model_input, parity_pixels
+
+    batches = [as_model_input(parity_pixels(8, img_size, seed=s), uint8_input=False) for s in (1, 2)]
+    quantize(fp32_path, out, INPUT_NAME, batches, "minmax")
+    return out
+
+
 def run(args: argparse.Namespace) -> None:
     from lvvit.export.onnx_export import default_opset, export_onnx
 
@@ -159,17 +198,21 @@ def run(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model = create_model(args.model, img_size=args.img_size).eval()
     print(f"{args.model} @ {args.img_size}, random weights, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; {machine()}")
     with tempfile.TemporaryDirectory(prefix="lvvit-bench-infer-") as tmp:
-        onnx_paths = {opset: Path(tmp) / f"model_opset{opset}.onnx" for opset in opsets}
+        onnx_paths: dict[int | str, Path] = {opset: Path(tmp) / f"model_opset{opset}.onnx" for opset in opsets}
         for opset, path in onnx_paths.items():
             export_onnx(model, path, args.img_size, opset=opset)
+        if args.int8:
+            onnx_paths["int8"] = int8_graph(onnx_paths[opsets[0]], args.img_size, Path(tmp) / "model_int8.onnx")
         cpu_ratios = cpu_benchmark(args, model, onnx_paths, batches)
         gpu_ratios = None
         if torch.cuda.is_available():
             gpu_ratios = gpu_benchmark(args, model, batches, Path(tmp))
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
     if gpu_ratios is None:
         print("\nGPU comparison (ORT CUDA, TensorRT fp16 vs PyTorch bf16) skipped: no CUDA GPU visible")
     else:
         print("\nGPU ratios vs PyTorch bf16: " + "; ".join(gpu_ratios))
-    print("\nORT CPU / PyTorch eager (images/s ratio, target >= 1.3x at batch 1): " + "; ".join(cpu_ratios))
+    print("\nORT CPU / PyTorch eager (images/s ratio, targets at batch 1: fp32 >= 1.3x, int8 >= 2.0x on one "
+          "thread; int8 / ORT fp32 >= 1.5x at every batch): " + "; ".join(cpu_ratios))

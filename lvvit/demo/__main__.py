@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -50,14 +51,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run (CI), not for accuracy")
     p.add_argument("--epochs", type=int, default=None, help="LV-ViT training epochs (default: 40; quick: 2)")
     p.add_argument("--ranks", type=int, default=2, help="DeepSpeed CPU ranks (default: 2)")
+    p.add_argument("--teacher-format", choices=("onnx", "torch"), default="onnx",
+                   help="label with the teacher exported to ONNX (made dense by lvvit-label) or with its "
+                   "PyTorch checkpoint (default: onnx)")
     return p.parse_args(argv)
 
 
 class Demo:
-    def __init__(self, out: Path, size: DemoSize, ranks: int) -> None:
+    def __init__(self, out: Path, size: DemoSize, ranks: int, teacher_format: str = "onnx") -> None:
         self.out = out.resolve()
         self.size = size
         self.ranks = ranks
+        self.teacher_format = teacher_format
         self.runner = StageRunner(self.out)
         self.logs = self.out / "logs"
 
@@ -87,14 +92,26 @@ class Demo:
     def label(self) -> dict:
         labeled = self.out / "labeled" / "train"
         run_command([tool("lvvit-label"), "--input", str(self.out / "shards" / "train"), "--out", str(labeled),
-                     "--teacher", "smallcnn", "--teacher-checkpoint", str(self.out / "teacher.pt"),
-                     "--img-size", str(self.size.teacher_size), "--crop-pct", "1.0", "--batch-size", "128"],
+                     *self.teacher_args(), "--img-size", str(self.size.teacher_size), "--crop-pct", "1.0",
+                     "--batch-size", "128"],
                     self.logs / "label.log")
         preview = self.out / "labels-preview.png"
         run_command([tool("lvvit-shards"), "preview", str(labeled), "--out", str(preview), "--n", "16",
                      "--crop", "--tokens", str(self.size.image_size // 16)], self.logs / "preview.log")
         manifest = json.loads((labeled / "manifest.json").read_text())
-        return {"labeled_images": manifest["total"], "preview": str(preview)}
+        return {"labeled_images": manifest["total"], "preview": str(preview), "teacher_format": self.teacher_format}
+
+    def teacher_args(self) -> list[str]:
+        """``--teacher`` for lvvit-label: the classifier exported to ONNX (lvvit-label makes
+        it dense, as it would a user's timm or torchvision export), or the checkpoint."""
+        checkpoint = self.out / "teacher.pt"
+        if self.teacher_format == "torch":
+            return ["--teacher", "smallcnn", "--teacher-checkpoint", str(checkpoint)]
+        from lvvit.labeling.smallcnn import export_small_cnn_onnx
+
+        onnx_file = self.out / "teacher.onnx"
+        export_small_cnn_onnx(checkpoint, onnx_file, self.size.teacher_size)
+        return ["--teacher", f"onnx:{onnx_file}"]
 
     def model_args(self) -> list[str]:
         s = self.size
@@ -135,7 +152,28 @@ class Demo:
                      "--overwrite"], self.logs / "export.log",
                     env={"MLFLOW_TRACKING_URI": self.mlflow_uri(), "MLFLOW_DISABLE_TELEMETRY": "true"})
         parity = json.loads((export_dir / "parity.json").read_text())
-        return {"onnx": str(export_dir / "model.onnx"), "triton_repo": str(triton), "parity": parity}
+        return {"onnx": str(export_dir / "model.onnx"), "triton_repo": str(triton), "parity": parity,
+                **self.export_int8(export_dir)}
+
+    def export_int8(self, fp32_dir: Path) -> dict:
+        """The int8 graph beside the fp32 one: held-out top-1 of both and their img/s."""
+        from lvvit.demo.int8 import export_int8, images_per_second
+
+        int8_dir = self.out / "export-int8"
+        gate = export_int8(
+            [tool("lvvit-export"), *self.model_args(), "--num-classes", "10",
+             "--checkpoint", self.runner.results["train"]["weights"],
+             "--classes", str(self.out / "shards" / "train" / "classes.json"), "--out", str(int8_dir),
+             "--max-batch", "32", "--overwrite", "--no-mlflow", "--precision", "int8",
+             "--calibration-shards", str(self.out / "shards" / "train"),
+             "--eval-shards", str(self.out / "shards" / "val")],
+            int8_dir, self.logs / "export-int8.log",
+            env={**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"},
+        )
+        graphs = {"fp32": fp32_dir / "model.onnx"}
+        if "refused" not in gate:
+            graphs["int8"] = int8_dir / "model.onnx"
+        return {"int8": gate, "images_per_second": images_per_second(graphs, self.size.image_size)}
 
     def serve(self) -> dict:
         from lvvit.demo.serve_check import classify_through_server
@@ -159,8 +197,9 @@ class Demo:
               "logs/label.log")
         r.run("train", f"train LV-ViT with token labeling, ZeRO-2 on {self.ranks} CPU ranks", self.train,
               "logs/train.log (each rank's lines are prefixed by the launcher)")
-        r.run("export", "export to ONNX (parity checked) and a Triton repository", self.export,
-              "logs/export.log; parity.json in the export folder")
+        r.run("export", "export to ONNX (parity checked), a Triton repository and an int8 graph "
+              "(accuracy-gated)", self.export, "logs/export.log, logs/export-int8.log; parity.json "
+              "in the export folders")
         r.run("serve", "serve with lvvit-serve and classify held-out images via tritonclient", self.serve,
               "logs/serve.log")
         self.summary()
@@ -175,18 +214,34 @@ class Demo:
             f"LV-ViT top-1, via lvvit-serve:   {res['serve']['server_top1']:.4f}",
             f"server/PyTorch predictions agree: {res['serve']['agreement']:.4f}",
             f"ONNX Runtime vs PyTorch max |diff|: {parity_diff(res['export']['parity']):.2e}",
+            *int8_lines(res["export"]),
             "", "time per stage:",
             *(f"  {name:<8} {rec['seconds']:8.1f} s" for name, rec in res.items()),
             "", "artifacts:",
             f"  shards:          {self.out / 'shards'}   (labeled: {self.out / 'labeled'})",
             f"  label preview:   {res['label']['preview']}",
             f"  weights:         {res['train']['weights']}",
-            f"  ONNX + parity:   {self.out / 'export'}",
+            f"  ONNX + parity:   {self.out / 'export'}   (int8: {self.out / 'export-int8'})",
             f"  Triton repo:     {res['export']['triton_repo']}",
             "", "MLflow UI on the demo's runs:",
             f"  {tool('mlflow')} ui --backend-store-uri {self.mlflow_uri()} --port 5000",
         ]
         print("\n".join(lines), flush=True)
+
+
+def int8_lines(export: dict) -> list[str]:
+    """Held-out top-1 and one-thread img/s of the int8 graph next to the fp32 one."""
+    gate, speed = export["int8"], export["images_per_second"]
+    if "refused" in gate:
+        lines = [f"int8 graph refused: {gate['refused']}"]
+    else:
+        lines = [f"held-out top-1, ONNX fp32 / int8: {gate['fp32_top1']:.4f} / {gate['int8_top1']:.4f} "
+                 f"(agreement {gate['top1_agreement']:.4f}, {gate['images']} images)"]
+    for batch, fp32 in speed["fp32"].items():
+        int8 = speed.get("int8", {}).get(batch)
+        lines.append(f"img/s batch {batch:>2}, 1 thread, fp32 / int8: {fp32:7.1f} / "
+                     + (f"{int8:7.1f} ({int8 / fp32:.2f}x)" if int8 else "-"))
+    return lines
 
 
 def parity_diff(parity: dict) -> float:
@@ -204,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh and args.out.exists():
         shutil.rmtree(args.out)
     try:
-        Demo(args.out, size, args.ranks).run()
+        Demo(args.out, size, args.ranks, args.teacher_format).run()
     except StageFailed as exc:
         print(f"\nDEMO STOPPED: {exc}", file=sys.stderr)
         return 1

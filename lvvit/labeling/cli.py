@@ -11,6 +11,11 @@ Start it once, or on every rank of a launch (deepspeed --module lvvit.labeling.c
 torchrun -m lvvit.labeling.cli ...): rank r of W takes shards r, r+W, ... and no rank
 waits for another. Finished output shards are skipped on a rerun, so an interrupted
 job resumes when the same command is run again.
+
+The teacher is a built-in, a Python factory, or an ONNX file (--teacher onnx:PATH) run by
+ONNX Runtime; an ONNX classifier ([B, C] logits from global average pooling and a linear
+layer) is made dense automatically. `lvvit-label dense-teacher IN.onnx OUT.onnx` does that
+rewrite alone and writes the dense graph (docs/labeling.md).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -38,7 +44,15 @@ from lvvit.data.source import (
     is_remote,
     resolve,
 )
-from lvvit.labeling.labeler import PRECISIONS, Labeler, ShardResult
+from lvvit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from lvvit.labeling.labeler import CHANNEL_ORDERS, PRECISIONS, Labeler, ShardResult
+from lvvit.labeling.onnx_teacher import (
+    LAYOUTS,
+    PROVIDERS,
+    OnnxTeacherError,
+    fixed_size,
+    load_onnx_teacher,
+)
 from lvvit.labeling.sources import Plan, ShardJob, is_shard_folder, plan_image_folder, plan_shards
 from lvvit.labeling.tarsamples import ShardReadError
 from lvvit.labeling.teacher import TEACHERS, build_teacher
@@ -46,6 +60,9 @@ from lvvit.labeling.teacher import TEACHERS, build_teacher
 log = logging.getLogger("lvvit.label")
 
 SETTINGS_FILE = "label-settings.json"
+ONNX_PREFIX = "onnx:"
+BUILTIN_IMG_SIZE = 576
+DENSE_TEACHER = "dense-teacher"
 
 
 @dataclass(frozen=True)
@@ -73,13 +90,27 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def onnx_path(teacher: str) -> Path | None:
+    """The file of an ``onnx:PATH`` teacher, None for any other teacher."""
+    return Path(teacher[len(ONNX_PREFIX) :]) if teacher.startswith(ONNX_PREFIX) else None
+
+
+def teacher_file(args: argparse.Namespace) -> Path:
+    """The file that holds the teacher's weights: the ONNX graph or --teacher-checkpoint."""
+    return onnx_path(args.teacher) or args.teacher_checkpoint
+
+
 def labeling_settings(args: argparse.Namespace) -> dict:
     """Everything that decides the labels, to tell a resume from a different job."""
     return {
         "input": args.input if is_remote(args.input) else str(Path(args.input).resolve()),
         "teacher": args.teacher,
-        "teacher_checkpoint_sha256": file_digest(args.teacher_checkpoint),
+        "teacher_checkpoint_sha256": file_digest(teacher_file(args)),
         "teacher_args": args.teacher_args,
+        "mean": list(args.mean),
+        "std": list(args.std),
+        "channel_order": args.channel_order,
+        "layout": args.layout,
         "num_classes": args.num_classes,
         "img_size": args.img_size,
         "crop_pct": args.crop_pct,
@@ -154,10 +185,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument(
         "--teacher",
         required=True,
-        help=f"{', '.join(sorted(TEACHERS))}, or 'package.module:factory' returning a module "
-        "with output [B, C, h, w] (called with checkpoint=, img_size=, **teacher-args)",
+        help=f"{', '.join(sorted(TEACHERS))}, 'package.module:factory' returning a module "
+        "with output [B, C, h, w] (called with checkpoint=, img_size=, **teacher-args), or onnx:PATH, an ONNX "
+        "model with output [B, C, h, w], [B, N, C] tokens, or [B, C] logits of a classifier (made dense)",
     )
-    t.add_argument("--teacher-checkpoint", type=Path, required=True, help="local weights file")
+    t.add_argument("--teacher-checkpoint", type=Path,
+                   help="local weights file (every teacher but onnx:PATH, whose file holds the weights)")
     t.add_argument(
         "--teacher-args",
         type=json_object,
@@ -166,14 +199,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     t.add_argument("--num-classes", type=int, help="teacher class count (default: the checkpoint's / 1000)")
     t.add_argument("--topk", type=int, default=5, help="classes kept per map cell")
+    t.add_argument("--onnx-provider", choices=list(PROVIDERS), default="cpu",
+                   help="ONNX Runtime provider of an onnx: teacher (cuda, tensorrt: device LOCAL_RANK)")
     pre = p.add_argument_group("preprocessing (bicubic resize of the shorter side, centre crop)")
-    pre.add_argument("--img-size", type=int, default=576, help="teacher input size (official maps: 576)")
+    pre.add_argument("--img-size", type=int,
+                     help=f"teacher input size (default: an ONNX graph's fixed size, else {BUILTIN_IMG_SIZE}, "
+                     "the official maps')")
     pre.add_argument(
         "--crop-pct",
         type=float,
         default=1.0,
         help="shorter side resized to img-size / crop-pct before the crop (1.0: largest centre square)",
     )
+    pre.add_argument("--mean", type=float, nargs=3, default=list(IMAGENET_MEAN), metavar="M",
+                     help="per-channel mean on the 0-1 scale, in --channel-order")
+    pre.add_argument("--std", type=float, nargs=3, default=list(IMAGENET_STD), metavar="S",
+                     help="per-channel std on the 0-1 scale, in --channel-order")
+    pre.add_argument("--channel-order", choices=list(CHANNEL_ORDERS), default="rgb",
+                     help="channel order the teacher expects")
+    pre.add_argument("--layout", choices=list(LAYOUTS), default="nchw",
+                     help="input layout of an onnx: teacher (torch teachers take nchw)")
     folder = p.add_argument_group("ImageFolder input (shards are planned as lvvit-shards would)")
     folder.add_argument("--prefix", default="train", help="output shard name prefix")
     folder.add_argument("--shard-size", type=int, default=1000, help="input images per shard")
@@ -191,6 +236,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_teacher_args(args: argparse.Namespace) -> None:
+    """Flags that only make sense for one kind of teacher, and the teacher's file, in one line each."""
+    path = onnx_path(args.teacher)
+    if path is None:
+        if args.teacher_checkpoint is None:
+            raise SystemExit(f"--teacher {args.teacher} needs --teacher-checkpoint (only onnx:PATH teachers do not)")
+        if not args.teacher_checkpoint.is_file():
+            raise SystemExit(f"teacher checkpoint {args.teacher_checkpoint} does not exist")
+        if args.layout != "nchw":
+            raise SystemExit(f"--layout {args.layout} is for onnx: teachers; torch teachers take nchw")
+        return
+    if not path.is_file():
+        raise SystemExit(f"ONNX teacher {path} does not exist")
+    ignored = [flag for flag, used in (
+        ("--teacher-checkpoint", args.teacher_checkpoint is not None),
+        ("--teacher-args", bool(args.teacher_args)),
+        ("--num-classes", args.num_classes is not None),
+        (f"--precision {args.precision}", args.precision != "fp32"),
+        (f"--device {args.device}", args.device != "cpu"),
+    ) if used]
+    if ignored:
+        raise SystemExit(
+            f"{', '.join(ignored)}: not used with --teacher {args.teacher} (the graph fixes weights, classes and "
+            "precision; --onnx-provider picks the device)"
+        )
+
+
+def resolve_img_size(args: argparse.Namespace) -> int:
+    """--img-size, else an ONNX graph's fixed input size, else the official 576."""
+    path = onnx_path(args.teacher)
+    fixed = fixed_size(path, args.layout) if path is not None else None
+    if args.img_size is None:
+        return fixed or BUILTIN_IMG_SIZE
+    if fixed is not None and fixed != args.img_size:
+        raise SystemExit(f"{path}: the graph's input is {fixed} px, --img-size is {args.img_size}")
+    return args.img_size
+
+
 def make_plan(args: argparse.Namespace) -> Plan:
     """An ImageFolder tree's plan, or the plan of the shard source ``--input`` names."""
     folder = Path(args.input)
@@ -205,11 +288,21 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise SystemExit(f"--input {args.input}: {e}") from None
 
 
-def make_labeler(args: argparse.Namespace, ranks: RankInfo) -> Labeler:
+def make_teacher(args: argparse.Namespace, ranks: RankInfo) -> torch.nn.Module:
+    path = onnx_path(args.teacher)
+    if path is not None:
+        try:
+            return load_onnx_teacher(path, args.img_size, args.layout, args.onnx_provider, ranks.local_rank)
+        except OnnxTeacherError as e:
+            raise SystemExit(str(e)) from None
     teacher_args = dict(args.teacher_args)
     if args.num_classes is not None:
         teacher_args["num_classes"] = args.num_classes
-    teacher = build_teacher(args.teacher, args.teacher_checkpoint, args.img_size, **teacher_args)
+    return build_teacher(args.teacher, args.teacher_checkpoint, args.img_size, **teacher_args)
+
+
+def make_labeler(args: argparse.Namespace, ranks: RankInfo) -> Labeler:
+    teacher = make_teacher(args, ranks)
     device = f"cuda:{ranks.local_rank}" if args.device == "cuda" else args.device
     return Labeler(
         teacher,
@@ -220,6 +313,9 @@ def make_labeler(args: argparse.Namespace, ranks: RankInfo) -> Labeler:
         device=device,
         precision=args.precision,
         workers=args.workers,
+        mean=tuple(args.mean),
+        std=tuple(args.std),
+        channel_order=args.channel_order,
     )
 
 
@@ -265,7 +361,17 @@ def report(ranks: RankInfo, results: list[ShardResult], finished_before: int, sk
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [DENSE_TEACHER]:
+        from lvvit.labeling.dense_teacher import main as dense_teacher_main
+
+        return dense_teacher_main(argv[1:])
     args = parse_args(argv)
+    check_teacher_args(args)
+    try:
+        args.img_size = resolve_img_size(args)
+    except OnnxTeacherError as e:
+        raise SystemExit(str(e)) from None
     ranks = rank_info(args.local_rank)
     logging.basicConfig(level=logging.INFO, format=f"[lvvit-label rank {ranks.rank}] %(levelname)s %(message)s")
     if not is_remote(args.input) and args.out.resolve() == Path(args.input).resolve():
@@ -279,8 +385,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         log.warning("%s has no classes.json; the output will have none either", args.input)
 
-    if not args.teacher_checkpoint.is_file():
-        raise SystemExit(f"teacher checkpoint {args.teacher_checkpoint} does not exist")
     settings = labeling_settings(args)
     check_settings(args.out, settings)
 

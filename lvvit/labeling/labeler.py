@@ -24,7 +24,7 @@ from torch import nn
 
 from lvvit.data.labelmap import LabelMap, encode_tlm
 from lvvit.data.pipeline import SkippedSample
-from lvvit.data.transforms import EvalTransform, normalize, open_image
+from lvvit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, normalize, open_image
 from lvvit.labeling.tarsamples import ShardReadError, TarSample, add_member, new_member
 from lvvit.labeling.teacher import dense_topk
 
@@ -36,6 +36,7 @@ PARTIAL_SUFFIX = ".partial"
 """Suffix of a shard being written; only a complete shard gets its final name."""
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+CHANNEL_ORDERS = ("rgb", "bgr")
 
 
 def eval_box(width: int, height: int, img_size: int, crop_pct: float) -> Box:
@@ -71,7 +72,13 @@ class Labeler:
         device: str | torch.device = "cpu",
         precision: str = "fp32",
         workers: int = 4,
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+        channel_order: str = "rgb",
     ) -> None:
+        """``mean``/``std`` and ``channel_order`` are the teacher's input convention: the
+        crops are RGB, reordered to ``channel_order`` first, then normalised with ``mean``
+        and ``std`` given in that order (a BGR Caffe-style model lists its means as B, G, R)."""
         self.device = torch.device(device)
         self.teacher = teacher.to(self.device).eval()
         if not 0.0 < crop_pct <= 1.0:
@@ -79,6 +86,9 @@ class Labeler:
         self.transform = EvalTransform(img_size, crop_pct)
         self.topk, self.batch_size = topk, batch_size
         self.dtype = PRECISIONS[precision]
+        if channel_order not in CHANNEL_ORDERS:
+            raise ValueError(f"channel_order must be one of {CHANNEL_ORDERS}, got {channel_order!r}")
+        self.mean, self.std, self.bgr = tuple(mean), tuple(std), channel_order == "bgr"
         self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="label-decode")
 
     def close(self) -> None:
@@ -98,11 +108,13 @@ class Labeler:
         if self.device.type == "cuda":
             images = images.pin_memory()
         images = images.to(self.device, non_blocking=True)
+        if self.bgr:
+            images = images.flip(1)
         autocast = (
             torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
         )
         with autocast:
-            logits = self.teacher(normalize(images))
+            logits = self.teacher(normalize(images, self.mean, self.std))
         values, indices = dense_topk(logits, self.topk)
         values = values.cpu().numpy()
         indices = indices.cpu().numpy().astype(np.uint16)

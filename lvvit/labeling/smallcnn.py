@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lvvit import atomic
+
 
 @dataclass(frozen=True)
 class SmallCNNConfig:
@@ -80,3 +82,16 @@ def load_small_cnn(path: str | Path, **overrides: Any) -> SmallCNN:
     except RuntimeError as e:
         raise ValueError(f"{path} does not match SmallCNN{cfg}: {e}") from e
     return model
+
+
+def export_small_cnn_onnx(checkpoint: str | Path, out: str | Path, img_size: int) -> None:
+    """The saved SmallCNN as the plain classifier it was trained as (``[B, C]`` logits) in
+    ONNX, batch dynamic and input ``img_size`` fixed: what a user's own exported teacher
+    looks like, so ``lvvit-label --teacher onnx:`` makes it dense itself."""
+    model = load_small_cnn(checkpoint).eval()
+    example = torch.zeros(2, model.cfg.in_chans, img_size, img_size)
+    with atomic.atomic_path(Path(out)) as tmp:
+        torch.onnx.export(
+            model, (example,), str(tmp), dynamo=True, external_data=False, input_names=["images"],
+            output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
+        )

@@ -30,6 +30,7 @@ from lvvit.data.source import (
     SourceError,
     resolve,
 )
+from lvvit.train.preemption import DEFAULT_GRACE, DEFAULT_SIGNALS, parse_signals
 
 DS_CONFIGS_PACKAGE = "lvvit.train.ds_configs"
 """The DeepSpeed JSONs ship as package data, so an installed ``lvvit`` finds its default;
@@ -133,9 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (0: epoch ends only)")
     g.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     g.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="resume from OUTPUT/checkpoints (latest, or a tag, or a tag folder)")
+                   help="resume from OUTPUT/checkpoints (latest, or a tag, or a tag folder); 'auto': "
+                        "latest if there is one, else start fresh (requeued jobs)")
     g.add_argument("--universal", action="store_true",
                    help="the resumed checkpoint is a DeepSpeed universal one (other rank count)")
+    g.add_argument("--preempt-signals", default=DEFAULT_SIGNALS, metavar="SIG[,SIG...]",
+                   help="signals that stop every rank at the next step boundary with a checkpoint, "
+                        "exit status 75 ('none': off)")
+    g.add_argument("--preempt-grace", type=float, default=DEFAULT_GRACE, metavar="SECONDS",
+                   help="a rank still running this long after the signal ends (SIGALRM)")
 
     g = p.add_argument_group("evaluation and tracking")
     g.add_argument("--no-eval", dest="eval", action="store_false", help="skip per-epoch evaluation")
@@ -184,12 +191,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and not isinstance(value, Path):
             setattr(args, name, Path(value))
+    check_preemption(parser, args)
     if args.eval_only:
         check_eval_only(parser, args)
     elif not args.train_shards:
         parser.error("--train-shards is required")
     args.model_overrides = parse_model_args(args.model_arg)
     return args
+
+
+def check_preemption(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--preempt-signals`` names catchable signals; ``--preempt-grace`` is positive."""
+    try:
+        parse_signals(args.preempt_signals)
+    except ValueError as err:
+        parser.error(f"--preempt-signals: {err}")
+    if not args.preempt_grace > 0:
+        parser.error(f"--preempt-grace must be > 0 seconds (got {args.preempt_grace})")
 
 
 def check_eval_only(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

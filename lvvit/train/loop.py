@@ -8,6 +8,7 @@ are rank 0's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import logging
@@ -27,7 +28,8 @@ import torch.distributed as dist
 from lvvit import atomic
 from lvvit.ports import free_port
 from lvvit.train import config as C
-from lvvit.train.checkpointing import WEIGHTS_FILE, Checkpointer, consolidate
+from lvvit.train.checkpointing import WEIGHTS_FILE, Checkpointer, consolidate, step_tag
+from lvvit.train.preemption import PREEMPTED_EXIT, Preempted, Preemption, exit_now, parse_signals
 from lvvit.train.step import STEP_STATS, Objective, train_step
 from lvvit.train.tracking import (
     Terminated,
@@ -44,6 +46,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lvvit.train")
 EVAL_FILE = "eval.json"
+FINISH_MARGIN = 5.0
+"""Seconds of a preemption's grace period kept for the process to exit after MLflow's last send."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -80,6 +84,14 @@ def engine_dtype(engine) -> torch.dtype:
     if engine.bfloat16_enabled():
         return torch.bfloat16
     return torch.float16 if engine.fp16_enabled() else torch.float32
+
+
+def train_seed(seed: int, epoch: int, skip_steps: int) -> int:
+    """The data stream's seed for ``epoch`` entered after ``skip_steps`` steps (a resume): each
+    (epoch, resume point) draws its own shards, order and augmentations, so a resumed epoch
+    never replays the stream its preempted segment trained on (for resume points below
+    1,000,003 steps into an epoch)."""
+    return seed + 1_000_003 * epoch + skip_steps
 
 
 @dataclass
@@ -221,6 +233,7 @@ class Trainer:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.rank, self.world, self.device = init_distributed()
+        self.preemption = Preemption(parse_signals(args.preempt_signals), args.preempt_grace)
         run_config = C.prepare(args, self.world)  # every config check, before the model exists
         args.output.mkdir(parents=True, exist_ok=True)
         self.ds_config, self.plan = run_config.ds_config, run_config.plan
@@ -239,7 +252,8 @@ class Trainer:
         self.objective = self.build_objective()
         self.position = Position()
         self.weights_written = False
-        run_id = self.resume() if args.resume is not None else None
+        self.resume_from = self.resume_choice()
+        run_id = self.resume(self.resume_from) if self.resume_from is not None else None
         self.tracker = self.build_tracker(run_id)
         self.metrics = StepMetrics(self.device, args.log_every)
         self.saves = SavePolicy(args.save_every, args.max_steps)
@@ -290,9 +304,25 @@ class Trainer:
                          num_classes=self.num_classes, token_grid=self.engine.module.cfg.grid_size,
                          smoothing=a.smoothing, device=self.device, dtype=self.dtype)
 
-    def resume(self) -> str | None:
-        """Engine, EMA, RNG and position from ``--resume``; returns the MLflow run to continue."""
-        state = self.checkpointer.resume(self.args.resume).get("lvvit", {})
+    def resume_choice(self) -> str | None:
+        """The checkpoint ``--resume`` names; ``auto`` is ``latest`` when there is one, else a
+        fresh start, so that a requeued job runs the same command line."""
+        which = self.args.resume
+        if which != "auto":
+            return which
+        directory = self.checkpointer.directory
+        name = "latest_universal" if self.args.universal else "latest"
+        if (directory / name).is_file():
+            log.info("--resume auto: resuming from %s", directory / name)
+            return "latest"
+        if self.args.eval_only:
+            raise SystemExit(f"--resume auto: no checkpoint to evaluate in {directory} (no '{name}' file)")
+        log.info("--resume auto: no checkpoint in %s (no '%s' file), starting fresh", directory, name)
+        return None
+
+    def resume(self, which: str) -> str | None:
+        """Engine, EMA, RNG and position from ``which``; returns the MLflow run to continue."""
+        state = self.checkpointer.resume(which).get("lvvit", {})
         self.position = Position(state.get("epoch", 0), state.get("step_in_epoch", 0))
         log.info("resumed at step %d (epoch %d, step %d in it)", self.engine.global_steps,
                  self.position.epoch, self.position.step_in_epoch)
@@ -353,8 +383,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- data
     def train_batches(self, epoch: int, skip_steps: int):
-        """This epoch's remaining micro batches; the seed moves with the epoch and the resume
-        point, so a resumed epoch does not replay the samples it already trained on."""
+        """This epoch's remaining micro batches, drawn with ``train_seed``."""
         from lvvit.data.pipeline import train_loader
         from lvvit.data.transforms import RandAugment
 
@@ -367,7 +396,7 @@ class Trainer:
             num_workers=a.workers, erase_prob=a.reprob, world_size=self.world,
             randaugment=randaugment, scale=tuple(a.scale), hflip=a.hflip,
             steps_per_epoch=(self.steps_per_epoch - skip_steps) * self.plan.grad_accum,
-            seed=a.seed + 1_000_003 * epoch + skip_steps, pin_memory=self.device.type == "cuda")
+            seed=train_seed(a.seed, epoch, skip_steps), pin_memory=self.device.type == "cuda")
 
     def eval_batches(self):
         from lvvit.data.pipeline import eval_loader
@@ -403,6 +432,7 @@ class Trainer:
     def run(self) -> dict[str, float]:
         """Epochs until done (or ``--max-steps``); returns the last eval metrics."""
         self.broadcast_run_id()
+        self.preemption.install()
         metrics: dict[str, float] = {}
         while self.position.epoch < self.total_epochs:
             if not self.train_epoch():
@@ -410,6 +440,8 @@ class Trainer:
                 self.tracker.finish("KILLED")
                 return metrics
             metrics = self.end_epoch()
+            if self.position.epoch < self.total_epochs and self.preemption.settle():
+                self.stop_preempted()
         if not self.weights_written:  # resumed from the last epoch's checkpoint
             self.write_weights()
         self.finish()
@@ -419,34 +451,52 @@ class Trainer:
         """The rest of the current epoch; ``False`` when ``--max-steps`` stopped it.
 
         Each step is queued without a host synchronisation; the step statistics are read
-        (and ``--nan-policy`` applied) only at logging steps and before a checkpoint.
+        (and ``--nan-policy`` applied) only at logging steps and before a checkpoint. A
+        preemption the ranks agreed on stops every rank at the same step (``Preempted``).
         """
         self.engine.train()
         self.metrics.restart_clock()
-        for micro_batches in self.step_batches():
-            stats = train_step(self.engine, self.objective, micro_batches)
-            step, epoch_done = self.finish_step()
-            self.metrics.add(stats)
-            must_save = self.saves.due(step, epoch_done)
-            if must_save or self.metrics.due(step, epoch_done):
-                self.read_metrics(step)
-            if must_save:
-                self.save()
-            if self.saves.stops(step):
-                return False
+        # closed on the way out: a stop mid-epoch shuts the loader's workers down now
+        with contextlib.closing(self.step_batches()) as steps:
+            for micro_batches in steps:
+                stats = train_step(self.engine, self.objective, micro_batches)
+                step, epoch_done = self.finish_step()
+                self.metrics.add(stats)
+                preempted = self.preemption.poll()
+                must_save = self.saves.due(step, epoch_done)
+                if must_save or preempted or self.metrics.due(step, epoch_done):
+                    self.read_metrics(step)
+                if must_save:
+                    self.save()
+                if preempted:
+                    self.stop_preempted()
+                if self.saves.stops(step):
+                    return False
         return True
 
+    def stop_preempted(self) -> None:
+        """Checkpoint the current step (unless it is saved already), report, raise ``Preempted``."""
+        started = time.perf_counter()
+        if self.checkpointer.last_tag != step_tag(self.engine.global_steps):
+            self.save()
+        self.preemption.report(self.engine.global_steps, self.checkpointer.last_tag, time.perf_counter() - started)
+        raise Preempted(self.engine.global_steps, self.checkpointer.last_tag)
+
     def step_batches(self) -> Iterator[Iterator[dict[str, torch.Tensor]]]:
-        """The rest of the epoch as one lazy group of ``grad_accum`` micro batches per step."""
+        """The rest of the epoch as one lazy group of ``grad_accum`` micro batches per step.
+        Closing it closes the loader (its workers end now, not at interpreter exit)."""
         remaining = self.steps_per_epoch - self.position.step_in_epoch
         if remaining <= 0:
             return
-        batches = iter(self.train_batches(self.position.epoch, self.position.step_in_epoch))
-        for _ in range(remaining):
-            first = next(batches, None)
-            if first is None:
-                return
-            yield itertools.chain([first], itertools.islice(batches, self.plan.grad_accum - 1))
+        batches = self.preemption.shielded(self.train_batches(self.position.epoch, self.position.step_in_epoch))
+        try:
+            for _ in range(remaining):
+                first = next(batches, None)
+                if first is None:
+                    return
+                yield itertools.chain([first], itertools.islice(batches, self.plan.grad_accum - 1))
+        finally:
+            batches.close()
 
     def finish_step(self) -> tuple[int, bool]:
         """EMA and position after an optimizer step; the step number and whether it ended the epoch."""
@@ -544,7 +594,7 @@ class Trainer:
         builds the engine (and, under ZeRO-3, partitions the weights) with it.
         """
         a = self.args
-        source = self.checkpointer.loaded_from if a.resume is not None else a.finetune
+        source = self.checkpointer.loaded_from if self.resume_from is not None else a.finetune
         metrics = self.eval_all()
         if self.rank == 0:
             record = {"source": str(source), "step": self.engine.global_steps, "world_size": self.world,
@@ -562,7 +612,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         from lvvit.train.evaluate import evaluate
 
-        return evaluate(self.engine, self.eval_batches(), self.device, self.dtype)
+        return evaluate(self.engine, self.preemption.shielded(self.eval_batches()), self.device, self.dtype)
 
     def write_weights(self) -> None:
         """Consolidated fp32 weights (+ EMA) of the last checkpoint, ``OUTPUT/weights.pth``."""
@@ -595,6 +645,9 @@ def main(argv: list[str] | None = None) -> None:
             trainer.eval_only()
         else:
             trainer.run()
+    except Preempted:  # checkpoint saved on every rank: close the run inside the grace period
+        trainer.tracker.finish("KILLED", wait=trainer.preemption.seconds_left() - FINISH_MARGIN)
+        exit_now(PREEMPTED_EXIT)
     except BaseException as err:  # the MLflow run says FAILED or KILLED, never FINISHED
         trainer.tracker.finish(end_status(err))
         if isinstance(err, Terminated):
@@ -602,4 +655,4 @@ def main(argv: list[str] | None = None) -> None:
         raise
 
 
-__all__ = ["NonFiniteLoss", "Trainer", "main"]
+__all__ = ["NonFiniteLoss", "Trainer", "main", "train_seed"]

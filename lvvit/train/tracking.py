@@ -263,7 +263,7 @@ class NullTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def log_dict(self, data: dict, name: str) -> None: ...
-    def finish(self, status: str = "FINISHED") -> None: ...
+    def finish(self, status: str = "FINISHED", wait: float = FINISH_SECONDS) -> None: ...
 
 
 class MlflowTracker(NullTracker):
@@ -423,15 +423,17 @@ class MlflowTracker(NullTracker):
     def log_dict(self, data: dict, name: str) -> None:
         self.put({"kind": "dict", "data": data, "name": name})
 
-    def finish(self, status: str = "FINISHED") -> None:
-        """Close the run as ``status`` (once); waits at most ``FINISH_SECONDS`` for the sender."""
+    def finish(self, status: str = "FINISHED", wait: float = FINISH_SECONDS) -> None:
+        """Close the run as ``status`` (once); waits at most ``wait`` seconds for the sender
+        (less than ``FINISH_SECONDS`` inside a preemption's grace period)."""
         if self.finished:
             return
         self.finished = True
         end = {"kind": "end", "status": status, "time": now_ms(), "run": self.run_id}
-        deadline = time.monotonic() + FINISH_SECONDS
+        wait = max(wait, 0.0)
+        deadline = time.monotonic() + wait
         try:
-            self.queue.put(end, timeout=FINISH_SECONDS)
+            self.queue.put(end, timeout=wait)
             queued = True
         except queue.Full:
             queued = False
@@ -442,7 +444,7 @@ class MlflowTracker(NullTracker):
                 left.append(self.queue.get_nowait())
             self.spool.append(left if queued and left else [*left, end])
             log.warning("MLflow at %s did not answer within %.0f s at the end of the run",
-                        self.client.tracking_uri, FINISH_SECONDS)
+                        self.client.tracking_uri, wait)
         if self.spool.pending():
             log.warning("%d tracking records were not sent to MLflow at %s; they are in %s. Send them with "
                         "`MLFLOW_TRACKING_URI=%s python -m lvvit.train.tracking replay %s`",

@@ -1,0 +1,65 @@
+"""``lvvit-label dense-teacher IN.onnx OUT.onnx``: an ONNX classifier rewritten as a dense teacher.
+
+The head (global average pooling, then one linear layer, with Flatten/Reshape/Squeeze
+allowed between) becomes a 1x1 Conv on the pre-pool feature map, so OUT maps images to
+``[B, classes, h, w]``. Both graphs are run on one random input and the mean of the
+dense map over locations must equal the classifier's logits; the figure is printed.
+``lvvit-label --teacher onnx:IN.onnx`` does the same rewrite in memory; this command is
+for looking at the result (Netron) or using it elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lvvit import atomic
+from lvvit.labeling.onnx_teacher import (
+    LAYOUTS,
+    OnnxTeacherError,
+    input_spec,
+    load_model,
+    make_dense,
+    verify_dense,
+)
+
+DEFAULT_CHECK_SIZE = 224
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="lvvit-label dense-teacher", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", type=Path, help="ONNX classifier with [B, C] logits")
+    p.add_argument("output", type=Path, help="where to write the dense graph")
+    p.add_argument("--img-size", type=int,
+                   help=f"input size of the check (default: the graph's fixed size, else {DEFAULT_CHECK_SIZE})")
+    p.add_argument("--layout", choices=list(LAYOUTS), default="nchw", help="input layout of the graph (default: nchw)")
+    return p.parse_args(argv)
+
+
+def rewrite(args: argparse.Namespace) -> float:
+    """Rewrite, check and write OUT; returns the check's relative difference."""
+    where = str(args.input)
+    model = load_model(args.input)
+    spec = input_spec(model, args.layout, where)
+    size = args.img_size or spec.size or DEFAULT_CHECK_SIZE
+    if spec.size is not None and spec.size != size:
+        raise OnnxTeacherError(f"{where}: the graph's input is {spec.size} px, --img-size is {size}")
+    dense, head = make_dense(model, where)
+    diff = verify_dense(model, dense, spec, size, where)
+    atomic.write_bytes(args.output, dense.SerializeToString())
+    print(f"{where}: head {' -> '.join(head.nodes)} replaced by a 1x1 Conv with {head.weight.shape[0]} classes")
+    print(f"check at {size} px: max |mean of dense map - logits| / max(1, |logits|) = {diff:.2e}")
+    print(f"wrote {args.output}")
+    return diff
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if args.output.resolve() == args.input.resolve():
+        raise SystemExit("OUT must differ from IN: the classifier is kept")
+    try:
+        rewrite(args)
+    except OnnxTeacherError as e:
+        raise SystemExit(str(e)) from None
+    return 0

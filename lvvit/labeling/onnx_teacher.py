@@ -1,0 +1,451 @@
+"""ONNX teachers: any ONNX image model as a dense teacher, and classifiers made dense.
+
+Most strong classifiers (timm, torchvision, Keras, the ONNX model zoo) export to ONNX,
+and token labeling needs a score map, not one score per image. A classifier whose head
+is global average pooling followed by one linear layer is made dense by applying that
+linear layer at every location of the pre-pool feature map (a 1x1 Conv): because both
+are linear, the mean of the map over locations is exactly the classifier's logits, which
+:func:`verify_dense` checks on the rewritten graph before it is used.
+
+The ONNX file is data (docs/security.md): protobuf parsed by ``onnx``, external data only
+from inside the model's folder, a bounded size, run by ONNX Runtime without custom ops.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+MAX_ONNX_BYTES = 2 << 30
+"""Model file plus external data: protobuf's own limit for one in-memory model (2 GiB)."""
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+LAYOUTS = ("nchw", "nhwc")
+SHAPE_OPS = {"Flatten", "Reshape", "Squeeze", "Identity"}
+LINEAR_OPS = {"Gemm", "MatMul", "Conv"}
+DENSE_TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float16): 1e-2}
+"""Allowed |mean of dense map - logits| relative to max(1, |logits|): fp16 rounds at ~1e-3."""
+
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class OnnxTeacherError(ValueError):
+    """An ONNX teacher file that cannot be used; the message names the file and the cause."""
+
+
+class DenseRewriteError(OnnxTeacherError):
+    """A classifier head that is not global average pooling followed by one linear layer."""
+
+
+# ------------------------------------------------------------------ reading the file as data
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor a graph stores (initializers, Constant values), subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in [attr.g, *attr.graphs] if attr.HasField("g") else attr.graphs:
+                yield from _graph_tensors(sub)
+
+
+def _external_bytes(model: onnx.ModelProto, path: Path) -> int:
+    """Bytes of external data the model references; refuses locations outside its folder."""
+    folder = path.parent.resolve()
+    files = set()
+    for tensor in _graph_tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or ".." in Path(location).parts or not target.is_relative_to(
+            folder
+        ):
+            raise OnnxTeacherError(
+                f"{path}: tensor {tensor.name!r} points at external data {location!r} outside the model's folder"
+            )
+        if not target.is_file():
+            raise OnnxTeacherError(f"{path}: external data file {location!r} of tensor {tensor.name!r} is missing")
+        files.add(target)
+    return sum(f.stat().st_size for f in files)
+
+
+def load_model(path: str | Path) -> onnx.ModelProto:
+    """The checked model with its external data, or a one-line :class:`OnnxTeacherError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise OnnxTeacherError(f"ONNX teacher {path} does not exist")
+    size = path.stat().st_size
+    if size > MAX_ONNX_BYTES:
+        raise OnnxTeacherError(f"{path}: {size} bytes, more than the {MAX_ONNX_BYTES}-byte limit for a teacher")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises DecodeError and friends: all mean "not an ONNX model"
+        raise OnnxTeacherError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+    size += _external_bytes(model, path)
+    if size > MAX_ONNX_BYTES:
+        raise OnnxTeacherError(f"{path}: {size} bytes with external data, more than {MAX_ONNX_BYTES}")
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent))
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise OnnxTeacherError(f"{path}: not a valid ONNX model ({type(e).__name__}: {_first_line(e)})") from None
+    return model
+
+
+def _first_line(error: Exception) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
+# ------------------------------------------------------------------ the model's input
+@dataclass(frozen=True)
+class InputSpec:
+    """The one image input: its name, element type, fixed batch and size (None if dynamic)."""
+
+    name: str
+    dtype: np.dtype
+    batch: int | None
+    size: int | None
+    layout: str
+
+
+def _dim(d: onnx.TensorShapeProto.Dimension) -> int | None:
+    return d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+
+
+def input_spec(model: onnx.ModelProto, layout: str, where: str) -> InputSpec:
+    """The image input of ``model`` checked against ``layout`` (``[B, 3, H, W]`` or ``[B, H, W, 3]``)."""
+    stored = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in stored]
+    if len(inputs) != 1:
+        raise OnnxTeacherError(f"{where}: a teacher takes one image input, the graph has {len(inputs)}")
+    tensor = inputs[0].type.tensor_type
+    elem = helper.tensor_dtype_to_np_dtype(tensor.elem_type) if tensor.elem_type else None
+    if elem not in DENSE_TOLERANCE:
+        raise OnnxTeacherError(f"{where}: input {inputs[0].name!r} is {elem}, expected float32 or float16")
+    dims = [_dim(d) for d in tensor.shape.dim]
+    shown = "[" + ", ".join(str(d) if d else "?" for d in dims) + "]"
+    if len(dims) != 4:
+        raise OnnxTeacherError(f"{where}: input {inputs[0].name!r} has shape {shown}, expected 4 dimensions")
+    batch, *rest = dims
+    channels, height, width = rest if layout == "nchw" else (rest[2], rest[0], rest[1])
+    if channels not in (None, 3):
+        raise OnnxTeacherError(f"{where}: input {inputs[0].name!r} has shape {shown}, not 3 channels in --layout {layout}")
+    if height != width:
+        raise OnnxTeacherError(f"{where}: input {inputs[0].name!r} has shape {shown}; labeling needs square inputs")
+    return InputSpec(inputs[0].name, np.dtype(elem), batch, height, layout)
+
+
+# ------------------------------------------------------------------ classifier -> dense
+@dataclass(frozen=True)
+class Head:
+    """What :func:`find_head` found: the pre-pool feature map and the linear map after pooling."""
+
+    features: str
+    weight: np.ndarray  # [classes, channels]
+    bias: np.ndarray  # [classes]
+    nodes: tuple[str, ...]  # ops from the pooling to the output, in graph order
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
+    found = next((a for a in node.attribute if a.name == name), None)
+    return default if found is None else helper.get_attribute_value(found)
+
+
+def _describe(node: onnx.NodeProto) -> str:
+    return f"{node.op_type} (node {node.name!r})" if node.name else node.op_type
+
+
+def _is_spatial_mean(node: onnx.NodeProto, consts: dict[str, np.ndarray]) -> bool:
+    """GlobalAveragePool, or ReduceMean over H and W of NCHW (axes as attribute or input)."""
+    if node.op_type == "GlobalAveragePool":
+        return True
+    if node.op_type != "ReduceMean":
+        return False
+    axes = _attr(node, "axes", None)
+    if axes is None and len(node.input) > 1 and node.input[1] in consts:
+        axes = consts[node.input[1]].tolist()
+    return axes is not None and {a % 4 for a in axes} == {2, 3}
+
+
+def _bias(values: np.ndarray, classes: int, node: onnx.NodeProto) -> np.ndarray:
+    if values.size not in (1, classes):
+        raise DenseRewriteError(f"{_describe(node)} adds {values.size} values to {classes} logits")
+    return np.broadcast_to(values.astype(np.float64).reshape(-1), (classes,))
+
+
+def _linear(node: onnx.NodeProto, data: str, const: np.ndarray | None) -> tuple[np.ndarray, str | None, float]:
+    """Weight ``[classes, channels]`` of a Gemm, MatMul or 1x1 Conv applied to ``data``, the
+    name of its bias input (None without one) and the bias scale (Gemm's beta)."""
+    if const is None or node.input[0] != data:
+        raise DenseRewriteError(f"{_describe(node)} after the pooling does not multiply by a constant weight")
+    weight = const.astype(np.float64)
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if node.op_type == "Gemm":
+        if _attr(node, "transA", 0):
+            raise DenseRewriteError(f"{_describe(node)} transposes the pooled features (transA=1)")
+        weight = _attr(node, "alpha", 1.0) * (weight if _attr(node, "transB", 0) else weight.T)
+        return weight, bias, float(_attr(node, "beta", 1.0))
+    if node.op_type == "MatMul":
+        if weight.ndim != 2:
+            raise DenseRewriteError(f"{_describe(node)} has a {weight.ndim}-D weight, expected 2-D")
+        return weight.T, None, 1.0
+    if weight.ndim != 4 or weight.shape[2:] != (1, 1) or _attr(node, "group", 1) != 1 or any(_attr(node, "pads", [0])):
+        raise DenseRewriteError(f"{_describe(node)} after the pooling is not a plain 1x1 convolution")
+    return weight[:, :, 0, 0], bias, 1.0
+
+
+def find_head(model: onnx.ModelProto, where: str) -> Head:
+    """Walk back from the output through shape ops, one optional bias Add and one linear
+    layer to a spatial mean; anything else there (a nonlinearity, attention pooling) is
+    refused with its op named, since applying it per location would not average out."""
+    graph = model.graph
+    if len(graph.output) != 1:
+        raise DenseRewriteError(f"{where}: a classifier has one output, the graph has {len(graph.output)}")
+    producers = {out: node for node in graph.node for out in node.output}
+    consts = _constants(graph)
+    name, chain = graph.output[0].name, []
+    weight, bias_terms = None, []
+    while True:
+        node = producers.get(name)
+        if node is None:
+            raise DenseRewriteError(
+                f"{where}: no global average pooling (GlobalAveragePool or ReduceMean over H, W) before the output"
+            )
+        chain.append(node.op_type)
+        if _is_spatial_mean(node, consts):
+            break
+        data = next((i for i in node.input if i and i not in consts), None)
+        if node.op_type in SHAPE_OPS and data == node.input[0]:
+            name = data
+            continue
+        other = node.input[1] if len(node.input) == 2 and node.input[0] == data else node.input[0]
+        if node.op_type == "Add" and weight is None and data is not None and other in consts:
+            bias_terms.append((consts[other], 1.0, node))
+            name = data
+            continue
+        if node.op_type in LINEAR_OPS and weight is None and data is not None:
+            weight, bias_input, scale = _linear(node, data, consts.get(node.input[1]) if len(node.input) > 1 else None)
+            if bias_input is not None:
+                if bias_input not in consts:
+                    raise DenseRewriteError(f"{where}: the bias of {_describe(node)} is not a constant")
+                bias_terms.append((consts[bias_input], scale, node))
+            name = data
+            continue
+        if node.op_type == "ReduceMean":
+            raise DenseRewriteError(f"{where}: {_describe(node)} does not average over H and W (axes 2, 3 of NCHW)")
+        raise DenseRewriteError(
+            f"{where}: {_describe(node)} sits between the pooling and the output; only "
+            "Flatten/Reshape/Squeeze/Identity and one linear layer (Gemm, MatMul + Add, 1x1 Conv) can be made dense"
+        )
+    if weight is None:
+        raise DenseRewriteError(f"{where}: no linear layer (Gemm, MatMul, 1x1 Conv) after the pooling")
+    classes = weight.shape[0]
+    bias = np.zeros(classes)
+    for values, scale, adds in bias_terms:
+        bias = bias + scale * _bias(values, classes, adds)
+    return Head(node.input[0], weight, bias, tuple(reversed(chain)))
+
+
+def make_dense(model: onnx.ModelProto, where: str) -> tuple[onnx.ModelProto, Head]:
+    """The classifier with its pooling + linear head replaced by a 1x1 Conv on the features,
+    whose ``[B, classes, h, w]`` output keeps the graph output's name."""
+    head = find_head(model, where)
+    dense = copy.deepcopy(model)
+    graph = dense.graph
+    output = graph.output[0]
+    dtype = helper.tensor_dtype_to_np_dtype(output.type.tensor_type.elem_type)
+    weight_name, bias_name = _unique(graph, "dense_teacher_weight"), _unique(graph, "dense_teacher_bias")
+    head_name = _unique(graph, "dense_teacher_head")
+    graph.initializer.extend([
+        numpy_helper.from_array(head.weight[:, :, None, None].astype(dtype), weight_name),
+        numpy_helper.from_array(head.bias.astype(dtype), bias_name),
+    ])
+    graph.node.append(helper.make_node(
+        "Conv", [head.features, weight_name, bias_name], [output.name], name=head_name, kernel_shape=[1, 1]
+    ))
+    _drop_replaced(graph, output.name, head_name)
+    batch = output.type.tensor_type.shape.dim[0] if output.type.tensor_type.shape.dim else None
+    output.CopyFrom(helper.make_tensor_value_info(
+        output.name, output.type.tensor_type.elem_type,
+        [(batch.dim_param or batch.dim_value or "batch") if batch is not None else "batch",
+         head.weight.shape[0], "height", "width"],
+    ))
+    try:
+        onnx.checker.check_model(dense)
+    except onnx.checker.ValidationError as e:
+        raise DenseRewriteError(f"{where}: the rewritten graph does not check ({_first_line(e)})") from None
+    return dense, head
+
+
+def _unique(graph: onnx.GraphProto, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``, ...: a name no tensor or node of the graph has."""
+    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | {n.name for n in graph.node}
+    name, i = base, 0
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def _drop_replaced(graph: onnx.GraphProto, output: str, head_name: str) -> None:
+    """Remove the old producer of ``output`` (the new head ``head_name`` replaces it) and
+    every node, initializer and shape annotation nothing needs anymore."""
+    nodes = [n for n in graph.node if n.name == head_name or output not in n.output]
+    needed, kept = {output}, []
+    for node in reversed(nodes):
+        if needed.intersection(node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    initializers = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    value_info = [v for v in graph.value_info if v.name in needed and v.name != output]
+    del graph.value_info[:]
+    graph.value_info.extend(value_info)
+
+
+# ------------------------------------------------------------------ running with ONNX Runtime
+def make_session(
+    model: onnx.ModelProto, where: str, provider: str = "cpu", device_id: int = 0
+) -> ort.InferenceSession:
+    """An ORT session on ``provider`` with as many threads as torch uses (ranks share cores)."""
+    name = PROVIDERS[provider]
+    if name not in ort.get_available_providers():
+        raise OnnxTeacherError(
+            f"--onnx-provider {provider}: ONNX Runtime here has {', '.join(ort.get_available_providers())}; "
+            f"{name} needs onnxruntime-gpu"
+        )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    providers = [name if provider == "cpu" else (name, {"device_id": device_id}), "CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=providers[: 1 if provider == "cpu" else 2])
+    except Exception as e:  # ORT's own exception types: an op or type it cannot run
+        raise OnnxTeacherError(f"{where}: ONNX Runtime cannot load it ({_first_line(e)})") from None
+
+
+def _example(spec: InputSpec, size: int, batch: int, seed: int = 0) -> np.ndarray:
+    shape = (batch, 3, size, size) if spec.layout == "nchw" else (batch, size, size, 3)
+    return np.random.default_rng(seed).standard_normal(shape).astype(spec.dtype)
+
+
+def verify_dense(original: onnx.ModelProto, dense: onnx.ModelProto, spec: InputSpec, size: int, where: str) -> float:
+    """Max |mean over locations of the dense map - the classifier's logits|, relative to
+    max(1, |logits|); refused above :data:`DENSE_TOLERANCE` (the head was not pool + linear)."""
+    x = _example(spec, size, spec.batch or 2)
+    logits = make_session(original, where).run(None, {spec.name: x})[0].astype(np.float64)
+    maps = make_session(dense, where).run(None, {spec.name: x})[0].astype(np.float64)
+    if maps.ndim != 4 or logits.ndim != 2:
+        raise DenseRewriteError(f"{where}: the rewrite gave {list(maps.shape)} for logits {list(logits.shape)}")
+    diff = float(np.abs(maps.mean(axis=(2, 3)) - logits).max() / max(1.0, float(np.abs(logits).max())))
+    if not diff <= DENSE_TOLERANCE[spec.dtype]:
+        raise DenseRewriteError(
+            f"{where}: the dense map's mean differs from the classifier's logits by {diff:.2e} "
+            f"(allowed {DENSE_TOLERANCE[spec.dtype]:.0e}); the head is not pooling followed by a linear layer"
+        )
+    return diff
+
+
+def to_dense_map(output: np.ndarray, where: str) -> np.ndarray:
+    """``[B, C, h, w]`` as is; ``[B, N, C]`` tokens on a square grid as ``[B, C, s, s]``."""
+    if output.ndim == 4:
+        return output
+    if output.ndim == 3:
+        side = round(output.shape[1] ** 0.5)
+        if side * side == output.shape[1]:
+            return output.transpose(0, 2, 1).reshape(output.shape[0], output.shape[2], side, side)
+    raise OnnxTeacherError(
+        f"{where}: output shape {list(output.shape)} is neither dense logits [B, C, h, w], tokens [B, N, C] "
+        "with N a square, nor classifier logits [B, C]"
+    )
+
+
+class OnnxTeacher(nn.Module):
+    """An ONNX Runtime session behind the dense-teacher interface (``[B, 3, H, W]`` float
+    in, ``[B, C, h, w]`` float32 out), so the :class:`~lvvit.labeling.labeler.Labeler` runs
+    it like any torch teacher. No parameters: the graph holds the weights."""
+
+    def __init__(self, session: ort.InferenceSession, spec: InputSpec, where: str) -> None:
+        super().__init__()
+        self.session, self.spec, self.where = session, spec, where
+        self.output = session.get_outputs()[0].name
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.detach().float().cpu().numpy()
+        if self.spec.layout == "nhwc":
+            x = x.transpose(0, 2, 3, 1)
+        x = np.ascontiguousarray(x, dtype=self.spec.dtype)
+        step = self.spec.batch or len(x)
+        outputs = [self._run(x[i : i + step], step) for i in range(0, len(x), step)]
+        dense = to_dense_map(np.concatenate(outputs), self.where)
+        return torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32))
+
+    def _run(self, chunk: np.ndarray, batch: int) -> np.ndarray:
+        """One session run; a short last chunk of a fixed-batch graph is padded, then cut."""
+        n = len(chunk)
+        if n < batch:
+            chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), chunk.dtype)])
+        return self.session.run([self.output], {self.spec.name: chunk})[0][:n]
+
+
+def _probe(model: onnx.ModelProto, spec: InputSpec, size: int, provider: str, device_id: int, where: str) -> np.ndarray:
+    """The output for one example input: tells a classifier from a dense teacher."""
+    session = make_session(model, where, provider, device_id)
+    try:
+        return session.run(None, {spec.name: _example(spec, size, spec.batch or 1)})[0]
+    except Exception as e:  # ORT's own exception types; any of them means the graph cannot run here
+        raise OnnxTeacherError(f"{where}: ONNX Runtime cannot run it at {size} px ({_first_line(e)})") from None
+
+
+def fixed_size(path: str | Path, layout: str) -> int | None:
+    """The input size the graph fixes, or None: lets ``--img-size`` default to it."""
+    return input_spec(load_model(path), layout, str(path)).size
+
+
+def load_onnx_teacher(
+    path: str | Path, img_size: int, layout: str = "nchw", provider: str = "cpu", device_id: int = 0
+) -> OnnxTeacher:
+    """A teacher from an ONNX file: dense maps and tokens as they are, a ``[B, C]``
+    classifier rewritten by :func:`make_dense` and checked by :func:`verify_dense`."""
+    where = str(path)
+    model = load_model(path)
+    spec = input_spec(model, layout, where)
+    if spec.size is not None and spec.size != img_size:
+        raise OnnxTeacherError(f"{where}: the graph's input is {spec.size} px, --img-size is {img_size}")
+    probe = _probe(model, spec, img_size, provider, device_id, where)
+    if probe.ndim == 2:
+        classifier = model
+        model, head = make_dense(classifier, where)
+        diff = verify_dense(classifier, model, spec, img_size, where)
+        log.info(
+            "%s is a classifier (%s): made dense, mean of the map = logits within %.1e", where, " -> ".join(head.nodes), diff
+        )
+        spec = input_spec(model, layout, where)
+    else:
+        to_dense_map(probe, where)
+    return OnnxTeacher(make_session(model, where, provider, device_id), spec, where)
