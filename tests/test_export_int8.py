@@ -90,13 +90,25 @@ def work(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("int8")
     train_tiny(root / "model.pth.tar")
     images, labels = colour_images(CALIBRATION + 96, seed=2)
-    white = np.full((CALIBRATION, 64, 64, 3), 255, np.uint8)
     return {
         "root": root,
         "checkpoint": root / "model.pth.tar",
+        "outlier_checkpoint": with_hidden_outlier(root / "model.pth.tar", root / "outlier.pth.tar"),
         "shards": write_shards(root / "shards", images, labels),
-        "white": write_shards(root / "white", white, np.zeros(CALIBRATION, np.int64)),
     }
+
+
+def with_hidden_outlier(path: Path, out: Path) -> Path:
+    """The trained model with one stem channel pinned at 1e4 that the projection ignores
+    (zero weights): fp32 logits are unchanged, but the projection's int8 input is one
+    per-tensor scale, which the outlier stretches until every real channel rounds to 0.
+    Activation outliers are how quantization breaks real networks; the gate must see it."""
+    ckpt = torch.load(path, weights_only=False)
+    state = ckpt["state_dict"]
+    state["patch_embed.bn3.bias"][0] = 1e4
+    state["patch_embed.proj.weight"][:, 0] = 0.0
+    torch.save(ckpt, out)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +140,9 @@ def test_int8_export_is_calibrated_from_shards_and_passes_the_accuracy_gate(int8
     float_matmuls = [n for n in graph.node if n.op_type == "MatMul"
                      and all(produced_by.get(i) != "DequantizeLinear" and i not in weights for i in n.input)]
     assert len(float_matmuls) == 2 * 2 and "attention" in info["quantization"]["kept_float"]  # 2 per block
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert produced_by.get(convs[0].input[0]) != "DequantizeLinear"  # the input convolution stays float
+    assert all(produced_by.get(c.input[0]) == "DequantizeLinear" for c in convs[1:])  # the rest of the stem is int8
     gate = json.loads((out / "parity.json").read_text())["int8_accuracy"]
     assert gate["passed"] and gate["images"] == 96  # exactly the samples calibration did not see
     assert gate["fp32_top1"] >= 0.95, "the tiny model did not learn the colour task"
@@ -159,13 +174,13 @@ def test_triton_repository_serves_the_int8_graph(int8_export, tmp_path):
     assert 'parameters { key: "precision_mode" value: "INT8" }' in (gpu_model / "config.pbtxt").read_text()
 
 
-def test_calibration_on_white_images_fails_the_gate_and_writes_nothing(work):
-    """Calibrated on blank white frames, the activation ranges miss what real images produce
-    (about half the held-out images change class): the gate must refuse and say so."""
+def test_activation_outlier_fails_the_gate_and_writes_nothing(work):
+    """Same fp32 accuracy, int8 broken by a hidden activation outlier: the gate must refuse,
+    give the figures and leave no export behind."""
     out = work["root"] / "broken"
-    done = export("--out", str(out), "--checkpoint", str(work["checkpoint"]), *TINY_FLAGS,
-                  "--precision", "int8", "--calibration-shards", str(work["white"]),
-                  "--eval-shards", str(work["shards"]), "--no-mlflow")
+    done = export("--out", str(out), "--checkpoint", str(work["outlier_checkpoint"]), *TINY_FLAGS,
+                  "--precision", "int8", "--calibration-shards", str(work["shards"]),
+                  "--calibration-samples", str(CALIBRATION), "--no-mlflow")
     assert done.returncode == 1, done.stderr[-3000:]
     error = [line for line in done.stderr.splitlines() if line.startswith("lvvit-export: error:")]
     assert len(error) == 1 and "FAIL" in error[0] and "agreement with fp32" in error[0], done.stderr[-2000:]
