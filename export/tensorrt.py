@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lvvit import atomic
+
 from .errors import ExportError, TensorRTUnavailable
 
 _logger = logging.getLogger(__name__)
@@ -107,10 +109,7 @@ def build_engine(
     if engine is None:
         raise ExportError(f"{onnx_path}: TensorRT failed to build an engine (see its log above)")
     if timing_cache is not None:
-        timing_cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = timing_cache.with_name(timing_cache.name + ".tmp")
-        tmp.write_bytes(memoryview(config.get_timing_cache().serialize()))
-        os.replace(tmp, timing_cache)
+        atomic.write_bytes(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
     return bytes(memoryview(engine))
 
 

@@ -5,12 +5,12 @@ The 1,797 real 8x8 scans ship inside scikit-learn, so the demo needs no download
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from lvvit import atomic
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -43,9 +43,8 @@ def write_digits_imagefolder(
             folder = root / split / f"{cls}_{DIGIT_NAMES[cls]}"
             folder.mkdir(parents=True, exist_ok=True)
             for i in members:
-                tmp = folder / f".{i:04d}.jpg.tmp"
-                digit_image(digits.images[i], size).save(tmp, format="JPEG", quality=95)
-                os.replace(tmp, folder / f"{i:04d}.jpg")
+                with atomic.atomic_path(folder / f"{i:04d}.jpg") as tmp:
+                    digit_image(digits.images[i], size).save(tmp, format="JPEG", quality=95)
                 counts[split] += 1
-    (root / "split.json").write_text(json.dumps({**counts, "size": size, "seed": seed}))
+    atomic.write_json(root / "split.json", {**counts, "size": size, "seed": seed})
     return counts

@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from lvvit import atomic
+
 
 class StageFailed(RuntimeError):
     def __init__(self, stage: str, reason: str, hint: str) -> None:
@@ -60,9 +62,7 @@ class StageRunner:
         except Exception as exc:
             raise StageFailed(name, str(exc), hint) from exc
         result = {"seconds": round(time.perf_counter() - start, 1), **result}
-        tmp = record.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, record)
+        atomic.write_json(record, result)
         self.results[name] = result
         print(f"[{name}] done in {result['seconds']:.1f} s", flush=True)
         return result

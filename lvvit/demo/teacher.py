@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lvvit import atomic
 from lvvit.data.transforms import EvalTransform, normalize
 from lvvit.labeling.smallcnn import SmallCNN, SmallCNNConfig, save_small_cnn
 
@@ -66,10 +67,8 @@ def train_teacher(
             correct += int((logits.argmax(1) == labels[idx]).sum())
             seen += len(idx)
         print(f"    teacher epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}, train top-1 {correct / seen:.3f}", flush=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    save_small_cnn(model, tmp)
-    tmp.replace(out)
+    with atomic.atomic_path(out) as tmp:
+        save_small_cnn(model, tmp)
     return {"train_top1": correct / seen}
 
 
