@@ -132,15 +132,19 @@ def _cpu_seconds(fn: Callable[[bytes, random.Random], object], jpegs: list[bytes
     return seconds / passes
 
 
-def _cpu_name() -> str:
+def cpu_info() -> tuple[str, set[str]]:
+    """The CPU's model name and feature flags (``/proc/cpuinfo``), which benchmark output
+    names so that a figure says what machine it came from."""
+    name, flags = "", set()
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and not name:
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.processor() or "unknown CPU"
+    return name or platform.processor() or "unknown CPU", flags
 
 
 def write_bench_shards(folder: Path, jpegs: list[bytes], per_shard: int) -> None:
@@ -186,7 +190,7 @@ def run_http(args: argparse.Namespace) -> None:
         threading.Thread(target=server.serve_forever, daemon=True).start()
         specs = {"local": str(folder), "http": f"http://127.0.0.1:{server.server_port}/"}
         steps = max(1, args.passes * len(jpegs) // 32)
-        print(f"machine: {_cpu_name()}; {len(jpegs)} JPEGs in 8 shards, {args.workers} loader workers, "
+        print(f"machine: {cpu_info()[0]}; {len(jpegs)} JPEGs in 8 shards, {args.workers} loader workers, "
               f"batch 32 at {args.img_size}, {steps} batches per round")
         try:
             for spec in specs.values():  # warm-up: imports, page cache
@@ -210,7 +214,7 @@ def run(args: argparse.Namespace) -> None:
         return
     torch.set_num_threads(1)  # one worker process = one core
     size = args.img_size
-    print(f"machine: {_cpu_name()}, {torch.get_num_threads()} thread per worker; Pillow {Image.__version__}")
+    print(f"machine: {cpu_info()[0]}, {torch.get_num_threads()} thread per worker; Pillow {Image.__version__}")
     jpegs = sample_jpegs(args.images, args.seed)
     sizes = [Image.open(io.BytesIO(d)).size for d in jpegs]
     print(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lvvit.bench.data import cpu_info
 from lvvit.models import create_model
 
 OPT_LEVELS = ("disable", "basic", "extended", "all")
@@ -165,16 +165,7 @@ def gpu_benchmark(args, model: torch.nn.Module, batches: list[int], workdir: Pat
 
 def machine() -> str:
     """CPU model, whether it has AVX-512 VNNI (ONNX Runtime's fast int8 path), and the load."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
+    name, flags = cpu_info()
     simd = "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     return f"{name} ({simd}), {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
 

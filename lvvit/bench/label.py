@@ -30,7 +30,7 @@ import numpy as np
 import onnxruntime
 import torch
 
-from lvvit.bench.data import _cpu_name, sample_jpegs, write_bench_shards
+from lvvit.bench.data import cpu_info, sample_jpegs, write_bench_shards
 from lvvit.data.label_bytes import official_bytes
 from lvvit.data.labelmap import decode_tlm
 from lvvit.labeling.labeler import Labeler
@@ -106,7 +106,7 @@ def cost_model(records: list[bytes]) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    print(f"machine: {_cpu_name()}; {args.threads} thread(s), {args.workers} decode thread(s); "
+    print(f"machine: {cpu_info()[0]}; {args.threads} thread(s), {args.workers} decode thread(s); "
           f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}")
     with tempfile.TemporaryDirectory(prefix="lvvit-bench-label-") as tmp:
         folder = Path(tmp)
