@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import platform
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,8 @@ import torch
 
 from lvvit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from lvvit.models import LVViT
+from lvvit.train.options import AT_LEAST_0, AT_LEAST_1, POSITIVE, PROBABILITY, Range, check_ranges
+from lvvit.train.tracking import Terminated, raise_on_sigterm
 
 from .errors import ExportError, TensorRTUnavailable
 from .folder import (
@@ -46,6 +49,8 @@ from .int8 import (
     CALIBRATION_METHODS,
     FLOAT_KEPT,
     FORMAT,
+    MAX_TOP1_DROP,
+    MIN_AGREEMENT,
     QUANTIZED_OPS,
     ImageSource,
     accuracy_gate,
@@ -75,6 +80,14 @@ from .weights import (
 
 _logger = logging.getLogger("lvvit.export")
 EXIT_TRT_UNAVAILABLE = 3
+RANGES = {
+    "img_size": AT_LEAST_1, "num_classes": AT_LEAST_1, "embed_dim": AT_LEAST_1, "depth": AT_LEAST_1,
+    "num_heads": AT_LEAST_1, "stem_width": AT_LEAST_1, "max_batch": AT_LEAST_1, "opset": AT_LEAST_1,
+    "parity_batch": AT_LEAST_1, "parity_atol": AT_LEAST_0, "parity_min_top1": PROBABILITY,
+    "calibration_samples": AT_LEAST_1, "int8_max_drop": Range(0, 100), "int8_min_agreement": Range(0, 100),
+    "trt_workspace_gib": POSITIVE, "seed": AT_LEAST_0,
+}
+"""Every numeric option's allowed values (finite always), checked before any work."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-shards", default=None, metavar="SOURCE",
                    help="held-out labelled shards for the accuracy gate (default: the samples of "
                         "--calibration-shards after the first N)")
+    g.add_argument("--int8-max-drop", type=float, default=100 * MAX_TOP1_DROP, metavar="POINTS",
+                   help="largest held-out top-1 loss of the int8 graph against the fp32 graph, in "
+                        f"percentage points (default {100 * MAX_TOP1_DROP:g})")
+    g.add_argument("--int8-min-agreement", type=float, default=100 * MIN_AGREEMENT, metavar="PERCENT",
+                   help="least share of held-out images whose int8 top-1 equals the fp32 graph's "
+                        "(default 0: reported, not gated; near-ties flip under rounding)")
 
     g = p.add_argument_group("TensorRT")
     g.add_argument("--trt", action="store_true", help="also build model.plan (needs a GPU and tensorrt)")
@@ -311,7 +330,7 @@ def quantize_checked(args: argparse.Namespace, spec: ModelSpec, model: LVViT, fp
     calibration = ImageSource("--calibration-shards", args.calibration_shards, limit=args.calibration_samples)
     held_out = (ImageSource("--eval-shards", args.eval_shards) if args.eval_shards else
                 ImageSource("--calibration-shards", args.calibration_shards, skip=args.calibration_samples))
-    batches = calibration_inputs(calibration, spec.img_size, crop_pct, args.uint8_input)
+    batches = calibration_inputs(calibration, spec.img_size, crop_pct, args.uint8_input, model.num_classes)
     quantize(fp32_path, out_path, INPUT_NAME, batches, args.calibration_method)
     load_onnx(out_path)
     _logger.info("quantized %s to int8 (%s, %s calibration on %d images, %.1f MB) in %.1fs",
@@ -319,8 +338,9 @@ def quantize_checked(args: argparse.Namespace, spec: ModelSpec, model: LVViT, fp
                  out_path.stat().st_size / 1e6, step())
     report = accuracy_gate(
         ort_runner(ort_session(out_path)), ort_runner(fp32_session),
-        labelled_batches(held_out, spec.img_size, crop_pct, args.uint8_input),
+        labelled_batches(held_out, spec.img_size, crop_pct, args.uint8_input, model.num_classes),
         f"{held_out.flag} {held_out.spec}" + (f" after sample {held_out.skip}" if held_out.skip else ""),
+        max_top1_drop=args.int8_max_drop / 100, min_agreement=args.int8_min_agreement / 100,
     )
     print(report.summary(), flush=True)
     report.raise_if_failed()
@@ -435,19 +455,22 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("need --max-batch >= 1 and 1 <= --parity-batch <= --max-batch")
     if args.precision == "int8" and args.check is None and not args.calibration_shards:
         parser.error("--precision int8 needs --calibration-shards SOURCE (labelled images to calibrate on)")
-    if args.calibration_samples < 1:
-        parser.error("--calibration-samples must be >= 1")
+    check_ranges(parser, args, RANGES)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
     root = logging.getLogger("lvvit")
     if not root.handlers:
         root.addHandler(handler)
     root.setLevel(logging.INFO)
+    raise_on_sigterm()  # a killed export unwinds: the staging folder is removed on the way out
     try:
         sys.exit(run(args))
     except ExportError as err:
         print(f"lvvit-export: error: {err}", file=sys.stderr)
         sys.exit(1)
+    except Terminated:
+        print("lvvit-export: terminated (SIGTERM); nothing written", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lvvit import jsonload
+from lvvit.data.source import class_index_problem
+
 from .errors import ExportError
 from .onnx_export import io_spec, load_onnx, ort_session
 
@@ -83,23 +86,21 @@ def read_class_names(path: Path) -> list[str]:
 
 def _names_from_json(path: Path, text: str) -> list[str]:
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
+        data = jsonload.loads(text)
+    except ValueError as err:
         raise ExportError(f"--classes {path}: not valid JSON: {err}") from err
     if isinstance(data, list) and all(isinstance(x, str) for x in data):
         return data
     if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
         raise ExportError(f"--classes {path}: expected a list of {{'index', 'name'}} objects")
-    by_index: dict[int, str] = {}
     for pos, entry in enumerate(data):
-        index, name = entry.get("index", pos), entry.get("name")
-        if not isinstance(index, int) or not isinstance(name, str):
+        if type(entry.get("index", pos)) is not int or not isinstance(entry.get("name"), str):
             raise ExportError(f"--classes {path}: entry {pos} needs an integer 'index' and a string 'name'")
-        if index in by_index:
-            raise ExportError(f"--classes {path}: index {index} appears twice")
-        by_index[index] = name
-    if sorted(by_index) != list(range(len(by_index))):
-        raise ExportError(f"--classes {path}: indices must be 0..{len(by_index) - 1} without gaps")
+    indices = [entry.get("index", pos) for pos, entry in enumerate(data)]
+    problem = class_index_problem(indices)
+    if problem:
+        raise ExportError(f"--classes {path}: {problem}")
+    by_index = {index: entry["name"] for index, entry in zip(indices, data, strict=True)}
     return [by_index[i] for i in range(len(by_index))]
 
 
@@ -122,8 +123,8 @@ def verify_export_dir(path: Path, run: bool = True) -> dict:
     path = Path(path)
     info_path = path / INFO_FILE
     try:
-        info = json.loads(info_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        info = jsonload.loads(info_path.read_bytes())
+    except (OSError, ValueError) as err:
         raise ExportError(f"{info_path}: missing or not valid JSON ({err})") from err
     proto = load_onnx(path / MODEL_FILE)
     recorded = info.get("onnx_sha256")

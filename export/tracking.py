@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lvvit import jsonload
 from lvvit.train.tracking import bound_http_requests
 
 from .errors import ExportError
@@ -28,8 +29,8 @@ def find_run_record(checkpoint: Path, levels: int = 3) -> dict | None:
         path = folder / RUN_FILE
         if path.is_file():
             try:
-                record = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as err:
+                record = jsonload.loads(path.read_bytes())
+            except (OSError, ValueError) as err:
                 raise ExportError(f"{path}: unreadable MLflow run record: {err}") from err
             if not isinstance(record, dict) or "run_id" not in record:
                 raise ExportError(f"{path}: expected a JSON object with 'run_id'")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import re
 import shutil
 import signal
@@ -20,6 +21,7 @@ import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from lvvit.serving.connections import bound_connections
 from lvvit.serving.engine import PROVIDERS, ProviderUnavailable, provider_chain
 from lvvit.serving.model_dir import ModelDirError, load_model_dir
 from lvvit.serving.rest import RestGuard
@@ -66,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-threads", type=int, metavar="N", default=d.decode_threads,
                    help="images decoded at once, over all requests (per worker); 0: one per CPU "
                         "core (default %(default)s)")
+    p.add_argument("--read-timeout-s", type=float, metavar="S", default=d.read_timeout_s,
+                   help="seconds a REST connection has to deliver a whole request (headers and "
+                        "body), from its opening or the end of the previous response; one that "
+                        "has not is closed (default %(default)s)")
     p.add_argument("--settings-dir", type=Path, default=None, metavar="DIR",
                    help="write MLServer's settings.json/model-settings.json here and keep them "
                         "(default: a temporary folder removed at exit)")
@@ -76,9 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
 def options_from_args(args: argparse.Namespace) -> ServeOptions:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.model_name):
         raise SystemExit(f"lvvit-serve: --model-name {args.model_name!r}: use letters, digits, _ . -")
-    for flag in ("max_batch_size", "max_request_mb", "max_image_mpix", "max_request_mpix"):
-        if getattr(args, flag) <= 0:
-            raise SystemExit(f"lvvit-serve: --{flag.replace('_', '-')} must be positive")
+    for flag in ("max_batch_size", "max_request_mb", "max_image_mpix", "max_request_mpix", "read_timeout_s"):
+        if not (math.isfinite(getattr(args, flag)) and getattr(args, flag) > 0):
+            raise SystemExit(f"lvvit-serve: --{flag.replace('_', '-')} must be positive and finite")
     if min(args.max_batch_delay_ms, args.workers, args.threads, args.decode_threads) < 0:
         raise SystemExit("lvvit-serve: --max-batch-delay-ms, --workers, --threads and "
                          "--decode-threads must be >= 0")
@@ -88,7 +94,8 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
         max_batch_size=args.max_batch_size, max_batch_delay_ms=args.max_batch_delay_ms,
         workers=args.workers, provider=args.provider, threads=args.threads,
         max_request_mb=args.max_request_mb, max_image_mpix=args.max_image_mpix,
-        max_request_mpix=args.max_request_mpix, decode_threads=args.decode_threads, debug=args.debug,
+        max_request_mpix=args.max_request_mpix, decode_threads=args.decode_threads,
+        read_timeout_s=args.read_timeout_s, debug=args.debug,
     )
 
 
@@ -114,8 +121,12 @@ async def serve(settings_dir: Path, opts: ServeOptions) -> bool:
     (MLServer shuts down, without raising, when the model fails to load)."""
     settings, models = await load_settings(str(settings_dir))
     server = MLServer(settings)
-    # The REST app is MLServer's own FastAPI app; the guard wraps it before it starts.
-    server._rest_server._app.add_middleware(RestGuard, max_body_bytes=opts.max_request_bytes)
+    # The REST app is MLServer's own FastAPI app; the guard wraps it before it starts, and
+    # its uvicorn server gets the whole-request deadline.
+    rest = server._rest_server
+    rest._app.add_middleware(RestGuard, max_body_bytes=opts.max_request_bytes)
+    uvicorn_config = rest._get_config
+    rest._get_config = lambda: bound_connections(uvicorn_config(), opts.read_timeout_s)
     stopped_by: list[int] = []
 
     def on_signal(sig: int) -> None:  # replaces MLServer's handler, which does only the stop

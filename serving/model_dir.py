@@ -7,9 +7,10 @@ images and name classes comes from there, so a folder that loads here serves cor
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from lvvit import jsonload
 
 INPUT_DTYPES = ("float32", "uint8")
 REQUIRED_KEYS = ("img_size", "num_classes", "crop_pct", "mean", "std", "input_name",
@@ -56,8 +57,8 @@ def load_model_dir(path: str | Path) -> ModelDir:
             raise ModelDirError(f"{path / name}: missing (lvvit-export writes it)")
     meta_path = path / "model.json"
     try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        meta = jsonload.loads(meta_path.read_bytes())
+    except ValueError as err:
         raise ModelDirError(f"{meta_path}: not valid JSON ({err})") from err
     if not isinstance(meta, dict):
         raise ModelDirError(f"{meta_path}: expected a JSON object")

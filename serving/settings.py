@@ -38,6 +38,7 @@ class ServeOptions:
     max_image_mpix: float = 100.0
     max_request_mpix: float = 1000.0
     decode_threads: int = 0  # 0: one per CPU core this process may use
+    read_timeout_s: float = 60.0  # for a REST request to arrive whole (serving/connections.py)
     debug: bool = False
 
     @property

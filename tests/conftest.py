@@ -1,5 +1,8 @@
 """Fixtures shared by test modules that serve an export folder (each defines ``model_dir``)."""
 
+import subprocess
+import sys
+
 import onnxruntime as ort
 import pytest
 
@@ -10,3 +13,23 @@ def reference(model_dir):
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
     return lambda x: session.run(["logits"], {"images": x})[0]
+
+
+_SPAWN_AND_MEASURE = (
+    "import os, subprocess, sys\n"
+    "proc = subprocess.Popen(sys.argv[1:])\n"
+    "_, status, usage = os.wait4(proc.pid, 0)\n"
+    "print(f'\\npeak-rss-kib {usage.ru_maxrss}', flush=True)\n"
+    "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
+"""A small launcher between the test and the measured command: the ``ru_maxrss`` of a child
+also counts the process it was forked from, which would be the whole pytest process."""
+
+
+def run_measured(cmd: list[str], env: dict | None = None, timeout: float = 120) -> tuple[int, str, int]:
+    """Exit status, output (stdout and stderr) and peak RSS in bytes of the command ``cmd``."""
+    result = subprocess.run([sys.executable, "-c", _SPAWN_AND_MEASURE, *cmd], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=env, timeout=timeout)
+    output = result.stdout.decode(errors="replace")
+    head, _, peak = output.rpartition("\npeak-rss-kib ")
+    return result.returncode, head, int(peak) * 1024

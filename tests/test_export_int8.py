@@ -5,12 +5,16 @@ tritonclient, and ONNX Runtime in-process as the reference."""
 from __future__ import annotations
 
 import argparse
+import http.server
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -212,3 +216,116 @@ def test_served_int8_model_answers_tritonclient_like_onnx_runtime(int8_export, w
         server.stop()
     assert logits.shape == expected.shape
     np.testing.assert_array_equal(logits.argmax(1), expected.argmax(1))
+
+
+def with_near_ties(path: Path, out: Path) -> Path:
+    """The trained model with 6 classes: class 3 (yellow) switched off and two near-identical
+    twins of its head rows as classes 4 and 5, which no label names. Yellow images are then
+    wrong in both graphs, and which twin wins is a near-tie that int8 rounding flips: equal
+    top-1, lower agreement, as on a trained model whose close classes swap."""
+    ckpt = torch.load(path, weights_only=False)
+    state = ckpt["state_dict"]
+    gen = torch.Generator().manual_seed(0)
+    for head in ("head", "aux_head"):
+        w, b = state[f"{head}.weight"], state[f"{head}.bias"]
+        twins = w[3].repeat(2, 1) + 1e-3 * w[3].abs().max() * torch.randn(2, w.shape[1], generator=gen)
+        state[f"{head}.weight"] = torch.cat([w[:3], torch.zeros_like(w[3:]), twins])
+        state[f"{head}.bias"] = torch.cat([b[:3], torch.tensor([-100.0]), b[3].repeat(2)])
+    torch.save(ckpt, out)
+    return out
+
+
+def staging_left(out: Path) -> list[str]:
+    return [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+def int8_flags(work: dict, checkpoint: Path, *extra: str) -> list[str]:
+    return ["--checkpoint", str(checkpoint), *TINY_FLAGS, "--precision", "int8", "--calibration-shards",
+            str(work["shards"]), "--calibration-samples", str(CALIBRATION), "--no-mlflow", *extra]
+
+
+def test_near_ties_pass_the_accuracy_gate_and_agreement_is_a_flag(work):
+    ties = with_near_ties(work["checkpoint"], work["root"] / "ties.pth.tar")
+    out = work["root"] / "ties"
+    done = export("--out", str(out), *int8_flags(work, ties))
+    assert done.returncode == 0, done.stderr[-3000:]
+    gate = json.loads((out / "parity.json").read_text())["int8_accuracy"]
+    assert gate["int8_top1"] == gate["fp32_top1"] and gate["top1_agreement"] < 0.99, gate
+    assert gate["passed"] and (gate["max_top1_drop"], gate["min_agreement"]) == (0.005, 0.0)
+    assert "(not gated)" in done.stdout
+    strict = work["root"] / "ties-strict"
+    refused = export("--out", str(strict), *int8_flags(work, ties, "--int8-min-agreement", "99"))
+    assert refused.returncode == 1, refused.stderr[-3000:]
+    error = [line for line in refused.stderr.splitlines() if line.startswith("lvvit-export: error:")]
+    assert len(error) == 1 and "FAIL" in error[0] and "(need 99%)" in error[0], refused.stderr[-2000:]
+    assert not strict.exists() and not staging_left(strict)
+
+
+def test_eval_labels_outside_the_models_classes_are_refused(work):
+    images, labels = colour_images(16, seed=4)
+    shards = write_shards(work["root"] / "eval-7", images, labels + len(COLOURS))  # 4..7 for a 4-class model
+    out = work["root"] / "labels"
+    done = export("--out", str(out), *int8_flags(work, work["checkpoint"], "--eval-shards", str(shards)))
+    assert done.returncode == 1, done.stderr[-3000:]
+    error = [line for line in done.stderr.splitlines() if line.startswith("lvvit-export: error:")]
+    assert len(error) == 1 and f"--eval-shards {shards}: label " in error[0], done.stderr[-2000:]
+    assert "is outside the model's classes 0..3" in error[0]
+    assert not out.exists() and not staging_left(out)
+
+
+def drip_server(folder: Path) -> http.server.ThreadingHTTPServer:
+    """Serves ``folder`` on 127.0.0.1: JSON at once, each ``.tar`` one byte per 0.1 s (a
+    calibration read that does not end while the test looks at it)."""
+
+    class Drip(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = folder / self.path.lstrip("/")
+            if not path.is_file():
+                self.send_error(404)
+                return
+            data = path.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            try:
+                if path.suffix != ".tar":
+                    self.wfile.write(data)
+                    return
+                for i in range(len(data)):
+                    self.wfile.write(data[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except OSError:
+                return  # the client went away
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_sigterm_during_calibration_leaves_no_staging_folder(work):
+    server = drip_server(work["shards"])
+    out = work["root"] / "killed"
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lvvit.export.cli", "--out", str(out), *TINY_FLAGS, "--precision", "int8",
+         "--calibration-shards", url, "--calibration-samples", str(CALIBRATION), "--no-mlflow"],
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any((out.parent / name / "model.fp32.onnx").is_file() for name in staging_left(out)):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+            time.sleep(0.05)
+        time.sleep(1.0)  # the parity check passed, calibration is reading the dripping shard
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        server.shutdown()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "lvvit-export: terminated (SIGTERM); nothing written"
+    assert not out.exists() and not staging_left(out)

@@ -18,10 +18,10 @@ from PIL import Image
 
 from lvvit.data.labelmap import decode_tlm
 from lvvit.data.shards import BuildConfig, build_shards
+from lvvit.data.tarsamples import TarSample, iter_tar_samples
 from lvvit.labeling.cli import main as label_main
 from lvvit.labeling.labeler import Labeler, eval_box
 from lvvit.labeling.smallcnn import SmallCNN, SmallCNNConfig, load_small_cnn, save_small_cnn
-from lvvit.labeling.tarsamples import TarSample, iter_tar_samples
 from lvvit.labeling.teacher import DenseCNNTeacher, LVViTDenseTeacher, build_teacher
 from lvvit.models import ClassCountMismatch, create_model
 from lvvit.ports import free_port
@@ -101,17 +101,17 @@ def _reference_input(jpeg: bytes) -> tuple[torch.Tensor, tuple[float, ...]]:
     return torch.from_numpy(x).permute(2, 0, 1).float(), box
 
 
-def _assert_teacher_topk(label_map, jpeg: bytes, dense: torch.nn.Module) -> None:
+def _assert_teacher_topk(label_map, jpeg: bytes, dense: torch.nn.Module, topk: int = TOPK) -> None:
     """The record holds the teacher's top-k on the eval view of ``jpeg``, in fp16."""
     x, box = _reference_input(jpeg)
     with torch.no_grad():
         logits = dense(x[None])[0]  # [C, 8, 8]: two stride-2 stages at 32 px
     assert label_map.values.dtype == np.float16 and label_map.indices.dtype == np.uint16
-    assert label_map.values.shape == label_map.indices.shape == (TOPK, 8, 8)
+    assert label_map.values.shape == label_map.indices.shape == (topk, 8, 8)
     assert label_map.box == pytest.approx(box, abs=1e-6)
     values = label_map.values.astype(np.float32)
     # The true top-k values, best first (within fp16 rounding) ...
-    top = logits.topk(TOPK, dim=0).values.numpy()
+    top = logits.topk(topk, dim=0).values.numpy()
     np.testing.assert_allclose(values, top, rtol=1e-3, atol=1e-5)
     # ... stored with the classes that have them (robust to near-ties in the order).
     at_indices = logits.gather(0, torch.from_numpy(label_map.indices.astype(np.int64))).numpy()
@@ -123,17 +123,20 @@ def _members(path: Path) -> dict[str, bytes]:
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
 
 
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory) -> Path:
+def _small_cnn_file(path: Path, num_classes: int) -> Path:
     torch.manual_seed(0)
-    model = SmallCNN(SmallCNNConfig(num_classes=NUM_CLASSES, widths=(8, 16)))
+    model = SmallCNN(SmallCNNConfig(num_classes=num_classes, widths=(8, 16)))
     for m in model.modules():  # non-trivial BN statistics, so eval-mode BN matters
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.2, 0.2)
             m.running_var.uniform_(0.5, 1.5)
-    path = tmp_path_factory.mktemp("teacher") / "smallcnn.pt"
     save_small_cnn(model, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory) -> Path:
+    return _small_cnn_file(tmp_path_factory.mktemp("teacher") / "smallcnn.pt", NUM_CLASSES)
 
 
 def test_dense_cnn_adapter_is_fc_at_every_location():
@@ -393,10 +396,14 @@ def test_label_image_folder_split_over_ranks(tmp_path, teacher_file, monkeypatch
     (root / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     out = tmp_path / "out"
     args = [
-        "--input", str(root), "--out", str(out), "--teacher", "smallcnn", "--teacher-checkpoint",
-        str(teacher_file), "--img-size", str(IMG_SIZE), "--topk", str(TOPK), "--shard-size", "3",
-        "--prefix", "pets", "--no-progress", "--workers", "1",
+        "--input", str(root), "--out", str(out), "--teacher", "smallcnn", "--img-size", str(IMG_SIZE),
+        "--topk", "2", "--shard-size", "3", "--prefix", "pets", "--no-progress", "--workers", "1",
     ]
+    # A teacher of 10 classes cannot label 2: refused on its first batch, nothing written.
+    with pytest.raises(SystemExit, match=r"smallcnn\.pt: the teacher's output has 10 classes, the dataset has 2"):
+        label_main([*args, "--teacher-checkpoint", str(teacher_file)])
+    assert not out.exists() or not any(out.iterdir())
+    args += ["--teacher-checkpoint", str(_small_cnn_file(tmp_path / "pets.pt", 2))]
     monkeypatch.setenv("WORLD_SIZE", "2")
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
@@ -410,7 +417,7 @@ def test_label_image_folder_split_over_ranks(tmp_path, teacher_file, monkeypatch
     assert json.loads((out / "classes.json").read_text()) == [
         {"index": 0, "name": "cat", "wnid": "cat"}, {"index": 1, "name": "dog", "wnid": "dog"}
     ]
-    teacher = load_small_cnn(teacher_file).eval()
+    teacher = load_small_cnn(tmp_path / "pets.pt").eval()
     dense = DenseCNNTeacher(teacher.features, teacher.fc)
     seen = {}
     for name in names:
@@ -422,7 +429,7 @@ def test_label_image_folder_split_over_ranks(tmp_path, teacher_file, monkeypatch
             assert Image.open(io.BytesIO(members["jpg"])).format == "JPEG"
             if path.suffix == ".jpg":
                 assert members["jpg"] == path.read_bytes()  # original bytes kept
-            _assert_teacher_topk(decode_tlm(members["tlm"], sample.key), members["jpg"], dense)
+            _assert_teacher_topk(decode_tlm(members["tlm"], sample.key), members["jpg"], dense, topk=2)
             seen[sample.key] = name
     assert sorted(seen) == sorted(files)
     manifest = json.loads((out / "manifest.json").read_text())

@@ -1,9 +1,10 @@
 """Preemption: a signal stops every rank at the same step with a checkpoint, ``--resume auto``
 finishes the run. Real ``deepspeed`` launcher, two CPU ranks over gloo, a real MLflow store.
 
-Four launches: SIGTERM to the launcher (fresh start under ``--resume auto``, a loader
-worker per rank); SIGUSR1 to one rank only, then ``--resume auto`` to the end; one process
-whose grace period is too short for the checkpoint being written. The figures the tests measure (steps run after the signal, seconds from the
+Six launches: SIGTERM to the launcher (fresh start under ``--resume auto``, a loader
+worker per rank); SIGUSR1 to one rank only, then ``--resume auto`` to the end; SIGTERM to
+the ``deepspeed`` command alone, then ``--resume auto`` to the end; one process whose grace
+period is too short for the checkpoint being written. The figures the tests measure (steps run after the signal, seconds from the
 signal to the saved checkpoint) are printed (``pytest -s``) for docs/training.md.
 """
 
@@ -203,6 +204,47 @@ def test_sigusr1_to_one_rank_stops_both_and_resume_auto_finishes(shards, tmp_pat
     assert (out / "weights.pth").is_file()
 
 
+def processes_of(run: Run) -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"]) if str(run.log.parent) in " ".join(p.info["cmdline"] or [])]
+
+
+def test_sigterm_to_the_deepspeed_command_checkpoints_and_resume_auto_finishes(shards, tmp_path):
+    """SIGTERM to the ``deepspeed`` command alone (the runner; what a container's init or a
+    terminal sends): it ends at once and passes nothing on, but both ranks see it gone, stop
+    at the same step with a checkpoint and exit 75, and the launcher with them. Before, the
+    ranks trained on, unaware, and saved nothing. ``--resume auto`` then trains to the end."""
+    out = tmp_path / "runner"
+    args = args_for(out, shards, ds_config(tmp_path, 2), "--no-mlflow", "--resume", "auto", "--save-every", "100",
+                    "--workers", "1")
+    run = Run(args, None, tmp_path / "runner.log")
+    runner = run.proc.pid
+    signalled, sent = signal_mid_epoch(run, lambda: run.proc.send_signal(signal.SIGTERM), after_step=1)
+    assert run.proc.wait(timeout=10) == -signal.SIGTERM  # the runner has no handler on one node
+    deadline = sent + 60
+    while processes_of(run):  # the launcher and the ranks end by themselves
+        assert time.time() < deadline, f"the ranks outlived the runner:\n{run.text()[-3000:]}"
+        time.sleep(0.05)
+    ended = time.time()
+    run.sink.close()
+    text = run.text()
+    assert text.count(f"the deepspeed runner (pid {runner}) has ended: stopping the run as on SIGTERM") == 2
+    lines = preempted_lines(text)
+    assert len(lines) == 2, text[-3000:]
+    tag = (out / "checkpoints" / "latest").read_text()
+    stopped = int(tag.removeprefix("step"))
+    assert signalled < stopped <= 12, text[-3000:]  # at the latest at the end of the epoch, where they agree
+    assert {(step, t, code) for _, step, t, _, code in lines} == {(stopped, tag, PREEMPTED_EXIT)}
+    report("SIGTERM to the deepspeed runner", signalled, stopped, sent, ended, lines)
+
+    cmd, env = command(args, None)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    text = done.stdout + done.stderr
+    assert done.returncode == 0, text[-4000:]
+    assert f"resumed at step {stopped} (epoch 0, step {stopped} in it)" in text
+    assert tag_state(out / "checkpoints" / f"step{TOTAL_STEPS:08d}")["global_steps"] == TOTAL_STEPS
+    assert (out / "weights.pth").is_file()
+
+
 def test_grace_too_short_for_the_write_keeps_the_previous_latest(shards, tmp_path):
     """One process (``python train.py``), SIGTERM while step 4 is being written (its folder
     is there), with a grace period (1 ms) that ends before the write can: the process ends
@@ -245,7 +287,7 @@ def test_resumed_epoch_is_reseeded_never_replayed(shards):
 @pytest.mark.parametrize(("flags", "message"), [
     (["--preempt-signals", "SIGTERM,KILL"], "--preempt-signals: 'KILL' cannot be used"),
     (["--preempt-signals", "TERM,NOPE"], "--preempt-signals: 'NOPE' is not a signal name"),
-    (["--preempt-grace", "0"], "--preempt-grace must be > 0 seconds (got 0.0)"),
+    (["--preempt-grace", "0"], "--preempt-grace 0.0: must be > 0"),
 ])
 def test_preemption_options_are_checked(flags, message, capsys):
     from lvvit.train.config import parse_args

@@ -1,13 +1,16 @@
 """lvvit-serve stays bounded: huge JPEGs decode at reduced DCT scale within a memory
 ceiling, pixel limits are checked from the headers before decoding, and non-finite
-tensors are refused. The real server (subprocess), answered by the official tritonclient."""
+tensors are refused; clients that stall mid-request are cut off after the read deadline.
+The real server (subprocess), answered by the official tritonclient."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,7 +28,7 @@ from lvvit.data.transforms import EvalTransform, jpeg_top_rows
 
 pytestmark = pytest.mark.slow
 
-IMG, BIG, MAX_BATCH, REQUEST_MPIX = 64, 9000, 16, 700
+IMG, BIG, MAX_BATCH, REQUEST_MPIX, READ_TIMEOUT = 64, 9000, 16, 700, 4
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(3, 1, 1)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(3, 1, 1)
 GIB = 1024**3
@@ -39,10 +42,12 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     """Eight decode threads, so all eight images of the big request decode at once, and a
-    per-request pixel budget of 700 MP (8 x 81 MP fit, 9 do not); per-image limit default."""
+    per-request pixel budget of 700 MP (8 x 81 MP fit, 9 do not); per-image limit default;
+    a 4 s read deadline, so that stalled clients are cut off within the test."""
     srv = ServerProcess(model_dir, tmp_path_factory.mktemp("serve") / "server.log",
                         "--max-batch-size", str(MAX_BATCH), "--threads", "1", "--decode-threads", "8",
-                        "--max-request-mpix", str(REQUEST_MPIX), env={**os.environ, "OMP_NUM_THREADS": "1"})
+                        "--max-request-mpix", str(REQUEST_MPIX), "--read-timeout-s", str(READ_TIMEOUT),
+                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     yield srv
     assert srv.stop() == 0, srv.output()
 
@@ -215,4 +220,53 @@ def test_strings_in_json_tensors_are_400(server, reference, bad):
 def test_nan_literal_in_json_is_refused_by_the_parser(server, reference):
     status, text = post_json(server, json_images_body("NaN"))  # not JSON: MLServer's parser says so
     assert status == 422 and "JSON decode error" in text, text
+    good_request_succeeds(server, reference)
+
+
+# ---------------------------------------------------------------- stalled clients
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def stalled_client(port: int, head: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(head)
+    sock.settimeout(READ_TIMEOUT + 30)
+    return sock
+
+
+def test_clients_that_stall_mid_request_are_closed_after_the_read_deadline(server, reference):
+    """50 clients that send headers with a Content-Length and half the body, one that sends
+    half its headers and one that sends nothing: each is closed once the deadline passes, and
+    the server's open file descriptors come back to where they were."""
+    pid = server.proc.pid
+    baseline = open_fds(pid)
+    body = b'{"inputs": [' + b" " * 1000
+    head = (b"POST /v2/models/lvvit/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (2 * len(body)))
+    clients = [stalled_client(server.http, head + body) for _ in range(50)]
+    clients += [stalled_client(server.http, head[:40]), stalled_client(server.http, b"")]
+    start = time.monotonic()
+    deadline = start + 10
+    while open_fds(pid) < baseline + len(clients) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    held = open_fds(pid)
+    assert held >= baseline + len(clients)  # all held open, server side
+
+    for sock in clients:
+        try:
+            assert sock.recv(1024) == b""  # closed by the server, no reply to half a request
+        except ConnectionResetError:
+            pass
+        finally:
+            sock.close()
+    waited = time.monotonic() - start
+    assert READ_TIMEOUT - 1 < waited < READ_TIMEOUT + 30, f"{waited:.1f} s"
+    while open_fds(pid) > baseline + 2 and time.monotonic() < start + READ_TIMEOUT + 40:
+        time.sleep(0.1)
+    print(f"\nserver open fds {baseline} -> {held} with {len(clients)} stalled clients -> {open_fds(pid)} "
+          f"after the {READ_TIMEOUT} s deadline (clients closed after {waited:.1f} s)")
+    assert open_fds(pid) <= baseline + 2, f"{open_fds(pid)} open fds, {baseline} before"
     good_request_succeeds(server, reference)

@@ -18,14 +18,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_labeling import _label_args, teacher_file  # noqa: F401 (fixture)
+from test_labeling import _label_args, _small_cnn_file
 from test_pipeline import write_shards
 
 from lvvit.data.cli import main as shards_main
 from lvvit.data.pipeline import SHARD_KEY, eval_loader, train_loader
 from lvvit.data.source import Access, ShardUnavailable, resolve
+from lvvit.data.tarsamples import iter_tar_samples
 from lvvit.labeling.cli import main as label_main
-from lvvit.labeling.tarsamples import iter_tar_samples
 
 FAST = Access(timeout=5, retries=1)
 COUNTS = [3, 4, 2, 5, 3]  # 17 samples; sample i has key k000i and class i
@@ -50,6 +50,12 @@ class Handler(http.server.SimpleHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data[: len(data) // 2])  # then the connection closes: a short body
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory) -> Path:
+    """A SmallCNN of these shards' 17 classes: lvvit-label refuses a teacher of another count."""
+    return _small_cnn_file(tmp_path_factory.mktemp("teacher") / "smallcnn.pt", sum(COUNTS))
 
 
 class Server:
@@ -142,7 +148,7 @@ def test_a_404_shard_is_skipped_in_training_and_an_error_in_eval(shards: Path, s
         eval_labels(source)
 
 
-def test_a_body_cut_short_is_never_a_complete_shard(shards: Path, tmp_path: Path, teacher_file) -> None:  # noqa: F811
+def test_a_body_cut_short_is_never_a_complete_shard(shards: Path, tmp_path: Path, teacher_file) -> None:
     cutter = Server(shards, cut={"s-000001.tar"})
     try:
         cut = f"{cutter.url}/s-000001.tar"
@@ -183,7 +189,7 @@ def test_server_stopped_mid_epoch_ends_training_named_and_bounded(shards: Path) 
 
 
 def test_info_and_label_on_an_http_source(shards: Path, server: Server, tmp_path: Path, capsys,
-                                          teacher_file) -> None:  # noqa: F811
+                                          teacher_file) -> None:
     with pytest.raises(SystemExit) as exit_:
         shards_main(["info", f"{server.url}/s-{{000000..000001}}.tar"])
     assert exit_.value.code == 0

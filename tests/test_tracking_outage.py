@@ -259,3 +259,88 @@ def test_a_hung_server_does_not_stall_startup(tmp_path):
     assert "does not answer" in proc.stderr
     assert [r["kind"] for r in spooled(tmp_path)] == ["create", "metrics", "end"]
     assert wall < 90, f"{wall:.0f} s"  # MLflow's own defaults: 8 tries of 120 s per call
+
+
+# ----------------------------------------------------------------- replay of a crafted spool
+
+def hostile_lines(victim: str, ours: str, out: Path) -> list[tuple[dict | str, str]]:
+    """Spool lines the trainer never writes, each with (part of) the refusal it must get."""
+    (out / "passwd").symlink_to("/etc/passwd")
+    step = {"kind": "metrics", "metrics": {"x": 1.0}, "step": 1, "time": 1}
+    return [
+        ({"kind": "end", "status": "FAILED", "time": 1, "run": victim}, f"run {victim} is not a run recorded"),
+        ({"kind": "params", "params": {"p": "v"}, "run": victim}, "is not a run recorded"),
+        ({**step, "run": victim}, "is not a run recorded"),
+        ({"kind": "artifact", "path": "/etc/passwd", "artifact_path": None, "run": ours}, "is not a file inside"),
+        ({"kind": "artifact", "path": "passwd", "artifact_path": None, "run": ours}, "is not a file inside"),
+        ({"kind": "artifact", "path": "weights.pth", "artifact_path": "../..", "run": ours}, "not a plain file name"),
+        ({"kind": "dict", "data": {}, "name": "../x.json", "run": ours}, "not a plain file name"),
+        ({**step, "run": ours, "command": "touch x"}, "field 'command' is not part of a 'metrics' record"),
+        ({**step, "step": True, "run": ours}, "'step' must be an integer"),
+        ('{"kind": "metrics", "metrics": {"x": 1.0}, "step": Infinity, "time": 1}', "'step' must be an integer"),
+        ({"kind": "end", "status": "DELETED", "time": 1, "run": ours}, "'status' must be one of"),
+        ({"kind": "params", "params": {"p": "v" * 7000}, "run": ours}, "at most 6000 characters"),
+        ({"kind": "params", "params": {"p": "v" * (5 << 20)}, "run": ours}, "over 4194304 bytes"),
+        ({**step, "run": None}, "no 'create' record comes before it"),
+        ("[" * 100_000 + "]" * 100_000, "not JSON"),
+        (f'{{"kind": "end", "status": "FINISHED", "time": 1, "run": "{ours}", "run": "{victim}"}}', "appears twice"),
+    ]
+
+
+def test_replay_refuses_any_line_the_trainer_does_not_write(server, tmp_path, monkeypatch):
+    """Each hostile line, after a good one: refused by line number before anything is sent."""
+    from lvvit.train import tracking
+
+    for key, value in tracking.HTTP_DEFAULTS.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    client = MlflowClient(server.uri)
+    experiment = client.create_experiment("replay-trust")
+    victim = client.create_run(experiment, run_name="victim").info.run_id
+    client.set_terminated(victim, status="FINISHED")
+    ours = client.create_run(experiment, run_name="ours").info.run_id
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "mlflow_run.json").write_text(json.dumps({"run_id": ours, "tracking_uri": server.uri}))
+    good = json.dumps({"kind": "metrics", "metrics": {"x": 1.0}, "step": 1, "time": 1, "run": ours})
+    for line, why in hostile_lines(victim, ours, out):
+        text = f"{good}\n{line if isinstance(line, str) else json.dumps(line)}\n"
+        (out / "mlflow-spool.jsonl").write_text(text)
+        with pytest.raises(SystemExit) as refused:
+            tracking.main(["replay", str(out)])
+        message = str(refused.value.code)
+        assert message.startswith(f"{out / 'mlflow-spool.jsonl'}: line 2: ") and why in message, message
+        assert message.endswith("nothing was sent") and "\n" not in message
+        assert (out / "mlflow-spool.jsonl").read_text() == text
+    assert client.get_metric_history(ours, "x") == []
+    run = client.get_run(victim)
+    assert (run.info.status, run.data.params, run.data.metrics) == ("FINISHED", {}, {})
+    assert client.list_artifacts(victim) == [] and client.list_artifacts(ours) == []
+
+
+def test_replay_writes_and_reads_only_inside_the_output_folder(server, tmp_path, monkeypatch):
+    """A 'create' record that names another folder (the older spool format) records the run in
+    the folder replayed; a run file naming a local store is refused, not opened."""
+    from lvvit.train import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    create = {"kind": "create", "experiment": "replay-trust-2", "run_name": "r", "tags": {"t": "v"}, "time": 1,
+              "record_in": str(elsewhere)}
+    lines = [create, {"kind": "metrics", "metrics": {"x": 2.0}, "step": 3, "time": 2, "run": None},
+             {"kind": "end", "status": "FINISHED", "time": 3, "run": None}]
+    (out / "mlflow-spool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (out / "mlflow_run.json").write_text(json.dumps({"run_id": "0" * 32, "tracking_uri": f"sqlite:///{elsewhere}/x.db"}))
+    with pytest.raises(SystemExit, match=r"tracking_uri 'sqlite:///.*' is not an http"):
+        tracking.main(["replay", str(out)])
+    assert list(elsewhere.iterdir()) == []
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    tracking.main(["replay", str(out)])
+    assert list(elsewhere.iterdir()) == []
+    run_id = json.loads((out / "mlflow_run.json").read_text())["run_id"]
+    run = MlflowClient(server.uri).get_run(run_id)
+    assert (run.info.status, run.data.metrics, run.data.tags["t"]) == ("FINISHED", {"x": 2.0}, "v")
+    assert not (out / "mlflow-spool.jsonl").exists()

@@ -250,10 +250,12 @@ def eval_only_reproduces_final_eval(out: Path, tmp: Path, client, run_id: str, u
     for key in ("eval/loss", "eval/top1", "eval/top5", "eval_ema/loss", "eval_ema/top1"):
         assert got[key] == pytest.approx(metric(client, run_id, key)[-1][1], rel=1e-5, abs=1e-6), key
     assert got["eval/loss"] != pytest.approx(got["eval_ema/loss"], rel=1e-6)  # two different weight sets
-    assert sorted(p.name for p in eval_out.iterdir()) == ["eval.json"]  # no checkpoints, no run record
+    # no checkpoints; only the eval run's own record, the one run its spool may replay into
+    assert sorted(p.name for p in eval_out.iterdir()) == ["eval.json", "mlflow_eval_run.json"]
     runs = client.search_runs([client.get_run(run_id).info.experiment_id],
                               filter_string="params.eval_only = 'True'")
     assert len(runs) == 1 and runs[0].info.run_id != run_id and runs[0].info.status == "FINISHED"
+    assert json.loads((eval_out / "mlflow_eval_run.json").read_text())["run_id"] == runs[0].info.run_id
     assert runs[0].data.metrics["eval_ema/top1"] == pytest.approx(got["eval_ema/top1"])
     assert "eval.json" in {a.path for a in client.list_artifacts(runs[0].info.run_id)}
 

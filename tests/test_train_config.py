@@ -10,9 +10,10 @@ import pytest
 
 from lvvit.models import create_model
 from lvvit.train.config import (
-    check_ds_config,
+    build_parser,
     deepspeed_schema,
     load_ds_config,
+    open_source,
     parse_args,
     peak_lr,
     prepare,
@@ -20,6 +21,7 @@ from lvvit.train.config import (
     resolve_ds_config,
 )
 from lvvit.train.loop import param_groups
+from lvvit.train.options import RANGES, numeric_actions
 from lvvit.train.schedule import WarmupCosineSchedule
 
 
@@ -32,11 +34,57 @@ def test_yaml_under_command_line(tmp_path):
     assert args.cooldown_epochs == 10 and args.ema_decay == 0.99992 and args.min_lr == 1e-5  # recipe
 
 
-def test_yaml_unknown_key_names_it(tmp_path):
+def refusal(argv: list[str], capsys) -> str:
+    """The one line ``parse_args`` exits 2 with."""
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("train.py: error: "), err
+    return err.strip()
+
+
+def test_yaml_unknown_key_names_it(tmp_path, capsys):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("epochz: 3\n")
-    with pytest.raises(SystemExit, match="unknown option 'epochz' \\(did you mean 'epochs'\\?\\)"):
-        parse_args(["--config", str(cfg), "--train-shards", "x"])
+    assert refusal(["--config", str(cfg), "--train-shards", "x"], capsys).endswith(
+        "unknown option 'epochz' (did you mean 'epochs'?)")
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--keep", "0"], "--keep 0: must be >= 1"),
+    (["--keep", "-2"], "--keep -2: must be >= 1"),
+    (["--ema-decay", "2"], "--ema-decay 2.0: must be in [0, 1)"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs -1.0: must be >= 0"),
+    (["--shard-timeout", "-1"], "--shard-timeout -1.0: must be > 0"),
+    (["--lr", "inf"], "--lr inf: must be a finite number"),
+    (["--lr", "nan"], "--lr nan: must be a finite number"),
+    (["--log-every", "0"], "--log-every 0: must be >= 1"),
+    (["--scale", "0.9", "0.1"], "--scale 0.9 0.1: must be MIN <= MAX"),
+])
+def test_out_of_range_options_are_refused_before_compute(flags, message, capsys):
+    assert refusal(["--train-shards", "x", *flags], capsys) == f"train.py: error: {message}"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("lr: .inf\n", "lr: inf must be a finite number"),
+    ("lr: .nan\n", "lr: nan must be a finite number"),
+    ("keep: 0\n", "keep: 0 must be >= 1"),
+    ("epochs: 2.5\n", "epochs: 2.5 is not an integer"),
+    ("epochs: 3\nlr: 1.0e-3\nepochs: 5\n", "key 'epochs' appears twice (line 3)"),
+    ("model-arg: " + "[" * 10000 + "]" * 10000 + "\n", "nested deeper than 32 levels"),
+    ("model-arg: [depth=1]\n" + "a: {" * 5000 + "}" * 5000 + "\n", "nested deeper than 32 levels"),
+])
+def test_config_file_values_are_checked_as_data(text, message, tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(text)
+    line = refusal(["--config", str(cfg), "--train-shards", "x"], capsys)
+    assert line.startswith(f"train.py: error: --config {cfg}: ") and message in line
+
+
+def test_every_numeric_option_has_a_range():
+    assert set(numeric_actions(build_parser())) == set(RANGES)
+    args = parse_args(["--train-shards", "x", "--lr", "1e-3", "--warmup-epochs", "0", "--ema-decay", "0"])
+    assert (args.lr, args.warmup_epochs, args.ema_decay, args.keep) == (1e-3, 0.0, 0.0, 3)
 
 
 def test_batch_sources_and_lr_scaling():
@@ -152,11 +200,8 @@ def test_deepspeed_config_duplicate_key_refused(tmp_path):
         load_ds_config(path)
 
 
-def test_clip_grad_from_command_line_checked_too():
-    args = parse_args(["--train-shards", "x", "--clip-grad", "-1"])
-    plan = resolve_batch(args, {}, 1)
-    with pytest.raises(SystemExit, match=r"gradient_clipping -1\.0"):
-        check_ds_config(resolve_ds_config(args, {}, plan, 1e-3))
+def test_clip_grad_from_command_line_checked_too(capsys):
+    assert refusal(["--train-shards", "x", "--clip-grad", "-1"], capsys).endswith("--clip-grad -1.0: must be >= 0")
 
 
 @pytest.mark.parametrize(("cli", "ds", "world", "message"), [
@@ -169,7 +214,7 @@ def test_clip_grad_from_command_line_checked_too():
     (["--micro-batch", "8", "--grad-accum", "2"], {"train_batch_size": 64}, 2,
      "train_batch_size 64 != micro batch 8 (command line) x grad accum 2 (command line) x 2 rank(s) = 32"),
     ([], {"train_micro_batch_size_per_gpu": 0}, 1, "train_micro_batch_size_per_gpu: 0 is not a positive integer"),
-    (["--grad-accum", "0"], {}, 1, "--grad-accum: 0 is not a positive integer"),
+    ([], {"gradient_accumulation_steps": 0}, 1, "gradient_accumulation_steps: 0 is not a positive integer"),
 ])
 def test_batch_sizes_that_do_not_divide_are_refused(cli, ds, world, message):
     args = parse_args(["--train-shards", "x", *cli])
@@ -189,7 +234,8 @@ def shard_folder(tmp_path: Path, total: int) -> Path:
     folder.mkdir()
     (folder / "manifest.json").write_text(json.dumps({"shards": [{"name": "a.tar", "samples": total}],
                                                       "total": total}))
-    (folder / "a.tar").touch()  # the source resolver refuses a listed shard that is missing
+    # the source resolver refuses a listed shard that is missing, or too small for its count
+    (folder / "a.tar").write_bytes(bytes(512 * total))
     return folder
 
 
@@ -203,3 +249,36 @@ def test_prepare_refuses_a_micro_batch_larger_than_the_data(tmp_path, monkeypatc
                             "micro batch of 8 (command line); lower --micro-batch")
     run = prepare(parse_args([*base, "--micro-batch", "6"]), 2)
     assert (run.plan.global_batch, run.steps_per_epoch, run.ds_config["train_batch_size"]) == (12, 1, 12)
+
+
+DEEP_JSON = "[" * 10000 + "]" * 10000
+
+
+def test_deeply_nested_json_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text('{"a": ' + DEEP_JSON + "}")
+    with pytest.raises(SystemExit) as e:
+        load_ds_config(path)
+    assert str(e.value).startswith(f"--deepspeed_config {path}: nested deeper than 32 levels")
+    # brackets inside strings do not count
+    path.write_text('{"flops_profiler": {"output_file": "' + "[{" * 40 + '"}, "train_batch_size": 8}')
+    assert load_ds_config(path)["train_batch_size"] == 8
+
+
+@pytest.mark.parametrize(("manifest", "classes", "message"), [
+    (DEEP_JSON, None, "manifest.json: not valid JSON (nested deeper than 32 levels"),
+    (None, DEEP_JSON, "classes.json: not valid JSON (nested deeper than 32 levels"),
+    (None, [{"index": 0, "name": "a"}, {"index": -1, "name": "b"}], "class index -1 is outside 0..1"),
+    (None, [{"index": 0, "name": "a"}, {"index": 10**18, "name": "b"}], f"class index {10**18} is outside 0..1"),
+    (None, [{"index": 1, "name": "a"}, {"index": 1, "name": "b"}], "class index 1 appears twice"),
+])
+def test_manifest_and_classes_are_read_as_bounded_data(manifest, classes, message, tmp_path):
+    folder = shard_folder(tmp_path, 12)
+    if manifest is not None:
+        (folder / "manifest.json").write_text(manifest)
+    if classes is not None:
+        (folder / "classes.json").write_text(classes if isinstance(classes, str) else json.dumps(classes))
+    with pytest.raises(SystemExit) as e:
+        open_source("--train-shards", str(folder), None, parse_args(["--train-shards", str(folder)]))
+    assert str(e.value).startswith(f"--train-shards {folder}: ") and message in str(e.value)
+    assert "\n" not in str(e.value)

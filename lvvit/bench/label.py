@@ -33,10 +33,10 @@ import torch
 from lvvit.bench.data import cpu_info, sample_jpegs, write_bench_shards
 from lvvit.data.label_bytes import official_bytes
 from lvvit.data.labelmap import decode_tlm
+from lvvit.data.tarsamples import iter_tar_samples
 from lvvit.labeling.labeler import Labeler
 from lvvit.labeling.onnx_teacher import load_onnx_teacher
 from lvvit.labeling.smallcnn import SmallCNN, SmallCNNConfig, export_small_cnn_onnx, save_small_cnn
-from lvvit.labeling.tarsamples import iter_tar_samples
 from lvvit.labeling.teacher import build_teacher
 
 TAR_BLOCK, FS_BLOCK = 512, 4096

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lvvit.data.shards import CLASS_ORDERS, DEFAULT_MAX_PIXELS
 from lvvit.data.source import DEFAULT_RETRIES, DEFAULT_TIMEOUT, Access
+from lvvit.data.streams import DEADLINE_PER_TIMEOUT
 
 _SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -105,13 +106,17 @@ def add_source(parser: argparse.ArgumentParser) -> None:
                         help=f"seconds one connect or read of a remote shard may take (default: {DEFAULT_TIMEOUT:g})")
     parser.add_argument("--shard-retries", type=int, default=DEFAULT_RETRIES,
                         help=f"retries of a failed remote read, with backoff (default: {DEFAULT_RETRIES})")
+    parser.add_argument("--shard-deadline", type=float, default=None,
+                        help="seconds reading one whole remote shard or manifest may take, retries included "
+                        f"(default: {DEADLINE_PER_TIMEOUT} x --shard-timeout)")
 
 
 def _open_source(args):
     """The source of ``args.shards``; errors name it."""
     from lvvit.data.source import resolve
 
-    return resolve(args.shards, args.manifest, Access(args.shard_timeout, args.shard_retries))
+    return resolve(args.shards, args.manifest,
+                   Access(args.shard_timeout, args.shard_retries, deadline=args.shard_deadline))
 
 
 def _build(args) -> int:
@@ -214,7 +219,7 @@ def _verify_all(source) -> tuple[list[int], list[str]]:
     each other one is damaged: missing, truncated, unreachable, or not the manifest's count."""
     from lvvit.data.shards import ShardReadError, verify_shard
     from lvvit.data.source import is_remote
-    from lvvit.labeling.tarsamples import iter_tar_samples
+    from lvvit.data.tarsamples import iter_tar_samples
 
     counts, damaged = [], []
     for url, expected in zip(source.urls, source.counts or [None] * len(source.urls), strict=True):

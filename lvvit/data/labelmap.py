@@ -24,6 +24,12 @@ CODEC_PALETTE_DEFLATE = 1
 _HEADER = struct.Struct("<4sBBHHH4fHHII")
 HEADER_SIZE = _HEADER.size  # 40 bytes
 _U16_MAX = 0xFFFF
+MAX_CELLS = 1 << 20
+"""Most entries (k * H * W) a record may hold: 650x the official maps' 5 x 18 x 18, so
+any real teacher fits, while a record is never more than ``MAX_RECORD_BYTES``."""
+MAX_RECORD_BYTES = HEADER_SIZE + 4 * MAX_CELLS
+"""Largest ``tlm`` record: the header plus the raw codec's payload (codec 1 is written
+only when smaller), the bound a shard reader puts on a ``tlm`` member."""
 
 
 class LabelMapError(ValueError):
@@ -60,8 +66,9 @@ def _checked(label_map: LabelMap, key: str) -> tuple[np.ndarray, np.ndarray, tup
             f"label map for sample {key!r}: values {values.shape} and indices {indices.shape} "
             "must both be [k, H, W]"
         )
-    if min(values.shape) < 1 or max(values.shape) > _U16_MAX:
-        raise LabelMapError(f"label map for sample {key!r}: shape {values.shape} out of range")
+    if min(values.shape) < 1 or max(values.shape) > _U16_MAX or values.size > MAX_CELLS:
+        raise LabelMapError(f"label map for sample {key!r}: shape {values.shape} out of range "
+                            f"(each side 1..{_U16_MAX}, at most {MAX_CELLS} entries)")
     if values.dtype != np.float16:
         raise LabelMapError(
             f"label map for sample {key!r}: values must be float16, got {values.dtype} "
@@ -126,10 +133,30 @@ def encode_tlm(label_map: LabelMap, key: str = "<unknown>") -> bytes:
     return header + payload
 
 
+def _palette_body_size(n: int, palette_size: int) -> int:
+    """Bytes of a codec-1 body for ``n`` entries and a palette of ``palette_size``."""
+    return 2 * palette_size + (1 if palette_size <= 256 else 2) * n + 2 * n
+
+
+def _inflate(payload: bytes, expected: int, fail) -> bytes:
+    """The deflate body, inflated to at most one byte past the ``expected`` size the header
+    implies: a small record that would inflate to gigabytes stops there, in kilobytes."""
+    inflater = zlib.decompressobj()
+    try:
+        body = inflater.decompress(payload, expected + 1)
+    except zlib.error as exc:
+        fail(f"deflate stream is damaged ({exc})")
+    if len(body) > expected or inflater.unconsumed_tail:
+        fail(f"deflate body inflates past the {expected} bytes expected from its header")
+    if not inflater.eof:
+        fail("deflate stream is damaged (it ends before its end marker)")
+    return body
+
+
 def _decode_palette_body(body: bytes, k: int, h: int, w: int, palette_size: int, fail) -> tuple:
     n = k * h * w
     cell_width = 1 if palette_size <= 256 else 2
-    expected = 2 * palette_size + cell_width * n + 2 * n
+    expected = _palette_body_size(n, palette_size)
     if len(body) != expected:
         fail(f"body holds {len(body)} bytes, expected {expected} for k={k} H={h} W={w} palette={palette_size}")
     palette = np.cumsum(_from_byte_planes(body, palette_size), dtype=np.uint32)
@@ -175,16 +202,15 @@ def decode_tlm(data: bytes, key: str = "<unknown>") -> LabelMap:
     if min(k, h, w) < 1:
         fail(f"empty shape k={k} H={h} W={w}")
     n = k * h * w
+    if n > MAX_CELLS:
+        fail(f"k={k} H={h} W={w} is {n} entries, more than the {MAX_CELLS} a record may hold")
     if codec == CODEC_RAW:
         if length != 4 * n:
             fail(f"raw payload is {length} bytes, expected {4 * n} for k={k} H={h} W={w}")
         values = np.frombuffer(payload, dtype="<f2", count=n).astype(np.float16).reshape(k, h, w)
         indices = np.frombuffer(payload, dtype="<u2", offset=2 * n).astype(np.uint16).reshape(k, h, w)
     elif codec == CODEC_PALETTE_DEFLATE:
-        try:
-            body = zlib.decompress(payload)
-        except zlib.error as exc:
-            fail(f"deflate stream is damaged ({exc})")
+        body = _inflate(payload, _palette_body_size(n, palette_size), fail)
         values, indices = _decode_palette_body(body, k, h, w, palette_size, fail)
     else:
         fail(f"unknown codec {codec}")

@@ -18,8 +18,10 @@ Corrupt samples (a JPEG that does not decode, a ``tlm`` that does not parse, a m
 field) are skipped, collected with their shard and key in :attr:`BatchLoader.skipped`, and
 logged at the end of each epoch. In training, a shard that stays unreachable (404, refused,
 timed out) is skipped the same way and reported by URL with key ``<shard>``; in evaluation,
-where a silent skip would change the metric, it is an error naming the URL. A missing
-local shard is an error that names it.
+where a silent skip would change the metric, it is an error naming the URL (a local
+shard that cannot be opened too). A missing local shard is an error that names it when the
+source is resolved. The workers end with their rank on every exit path
+(:mod:`lvvit.data.workers`).
 """
 
 from __future__ import annotations
@@ -30,24 +32,20 @@ import random
 import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import (
-    base_plus_ext,
-    group_by_keys,
-    tar_file_expander,
-    tar_file_iterator,
-)
 from webdataset.utils import pytorch_worker_info
 
 from lvvit.data.labelmap import LabelMapError, decode_tlm
 from lvvit.data.source import ShardSource, ShardUnavailable, as_source
+from lvvit.data.tarsamples import read_tar_samples
 from lvvit.data.transforms import EvalTransform, RandAugment, TrainTransform
+from lvvit.data.workers import worker_init
 
 log = logging.getLogger(__name__)
 
@@ -104,19 +102,18 @@ def _reason(error: BaseException) -> str:
 
 
 def has_label_maps(source: ShardSource) -> bool:
-    """Whether the first sample of the first shard carries a ``tlm`` member; members are
-    grouped into samples by webdataset's rule (``base_plus_ext``), as everywhere."""
-    with source.open(source.urls[0]) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-        first, suffixes = None, set()
-        for member in tar:
-            key, suffix = base_plus_ext(member.name)
-            if key is None:
-                continue
-            if first is not None and key != first:
-                break
-            first = key
-            suffixes.add(suffix.lower())
-    return "tlm" in suffixes
+    """Whether the first sample of the first shard carries a ``tlm`` member."""
+    with source.open(source.urls[0]) as stream:
+        first = next(read_tar_samples(stream, source.urls[0]), None)
+    return first is not None and "tlm" in first.as_dict()
+
+
+def shard_samples(stream: BinaryIO, url: str) -> Iterator[dict[str, Any]]:
+    """webdataset's sample dicts (with ``__url__``) of one open shard, through the bounded
+    tar reader (:mod:`lvvit.data.tarsamples`): no member larger than its kind allows is read."""
+    with stream:
+        for sample in read_tar_samples(stream, url):
+            yield {**sample.as_dict(), "__url__": url}
 
 
 def _split_rank(world_size: int | None) -> tuple[int, int]:
@@ -181,10 +178,11 @@ class _TrainStage:
         self.in_a_row = 0
         self.shards_in_a_row = 0
         self.last_url = ""
-        self.last_failure: BaseException | None = None
 
-    def open_shards(self, shards: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """webdataset's url-opener stage, through the source (retries, timeouts, cache)."""
+    def samples(self, shards: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """The samples of each drawn shard, opened through the source (retries, timeouts,
+        cache); a shard that cannot be opened or read to its end is skipped and reported by
+        URL (the samples it gave before stay in)."""
         for shard in shards:
             url = shard["url"]
             self.shards_in_a_row += 1
@@ -194,31 +192,16 @@ class _TrainStage:
                                    f"{self.last_url} ({last})")
             self.last_url = url
             try:
-                stream = self.source.open(url)
-            except (ShardUnavailable, OSError) as error:
+                for sample in shard_samples(self.source.open(url), url):
+                    self.shards_in_a_row = 0
+                    yield sample
+            except (OSError, tarfile.TarError, EOFError) as error:  # ShardUnavailable is an OSError
                 self.shard_failed(error, url)
-                continue
-            yield {**shard, "stream": stream}
 
-    def samples_arrived(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """Pass-through after grouping: a shard that gives a sample ends a run of bad shards."""
-        for sample in samples:
-            self.shards_in_a_row = 0
-            yield sample
-
-    def shard_failed(self, error: BaseException, url: str | None = None) -> bool:
-        """webdataset's ``handler``: a shard that cannot be read (or stops midway) is
-        skipped and reported by URL; the samples it gave before stay in. webdataset calls
-        it first from inside the tar (no URL known yet: passed over here) and then, as the
-        broken stream fails again, from the shard level, with the URL."""
-        url = url or getattr(error, "url", None) or next((a for a in error.args if a in self.source.urls), None)
-        if url is None or error is self.last_failure:
-            return True
-        self.last_failure = error
+    def shard_failed(self, error: BaseException, url: str) -> None:
         reason = getattr(error, "message", None) or f"{type(error).__name__}: {error.args[0] if error.args else error}"
         self.skipped.append(SkippedSample(url, SHARD_KEY, reason))
         log.warning("skipping shard %s: %s", url, reason)
-        return True
 
     def _rng(self) -> random.Random:
         # Seeded lazily inside the worker: DataLoader draws a fresh worker seed from its
@@ -321,10 +304,7 @@ def train_loader(
         wds.ResampledShards(list(source.urls), seed=seed, deterministic=True),
         wds.split_by_node,
         wds.split_by_worker,
-        stage.open_shards,
-        wds.pipelinefilter(tar_file_expander)(handler=stage.shard_failed),
-        wds.pipelinefilter(group_by_keys)(handler=stage.shard_failed),
-        stage.samples_arrived,
+        stage.samples,
     )
     if shuffle_buffer > 1:
         dataset.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed * 7919 + rank))
@@ -337,6 +317,7 @@ def train_loader(
         num_workers=num_workers,
         generator=generator,
         pin_memory=pin_memory,
+        worker_init_fn=worker_init,
     ).with_epoch(steps)
     return BatchLoader(loader, steps, f"train rank {rank}")
 
@@ -378,9 +359,13 @@ class _EvalDataset(IterableDataset):
             offset += count
 
     def _shard_samples(self, url: str) -> Iterator[dict[str, Any]]:
-        with self.source.open(url) as stream:
-            files = tar_file_iterator(stream)
-            yield from group_by_keys({**f, "__url__": url} for f in files)
+        try:
+            stream = self.source.open(url)
+        except ShardUnavailable:
+            raise
+        except OSError as error:  # a local shard gone (or unreadable) since the run started
+            raise ShardUnavailable(f"{type(error).__name__}: {error.strerror or error}", url) from None
+        yield from shard_samples(stream, url)
 
     def _decode(self, sample: dict[str, Any], skipped: list[SkippedSample]) -> tuple[np.ndarray, int] | None:
         try:
@@ -452,5 +437,6 @@ def eval_loader(
     found_rank, world = _split_rank(world_size)
     rank = found_rank if rank is None else rank
     dataset = _EvalDataset(source, EvalTransform(img_size, crop_pct), batch_size, rank, world)
-    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
+    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                        worker_init_fn=worker_init)
     return BatchLoader(loader, dataset.num_batches, f"eval rank {rank}")

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from lvvit import atomic
 from lvvit.data.labelmap import LabelMap, decode_tlm
 from lvvit.data.source import ShardSource, as_source
-from lvvit.labeling.tarsamples import iter_tar_samples
+from lvvit.data.tarsamples import iter_tar_samples
 
 # 24 well-separated colours (Tableau 20 and 4 more); classes beyond them are grey.
 PALETTE = [

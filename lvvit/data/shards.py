@@ -33,14 +33,9 @@ from tqdm import tqdm
 
 from lvvit import atomic
 from lvvit.data.labelmap import LabelMap, LabelMapError, centre_square_box, encode_tlm
+from lvvit.data.members import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, oversized
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff")
-"""Image file suffixes read from an ImageFolder and image members of a shard sample, in order
-of preference (``jpg`` is the shard contract's)."""
 JPEG_QUALITY = 95
-DEFAULT_MAX_PIXELS = 40_000_000
-"""Images with more pixels are downscaled to this many: ImageNet's largest photo has
-about 10 MP, and a 144 MP one would cost ~430 MB per decode in every training epoch."""
 ALPHA_BACKGROUND = (255, 255, 255)
 """Transparent pixels are composited on white: the colour hidden under alpha 0 is arbitrary."""
 CLASS_ORDERS = ("sorted", "natural")
@@ -578,6 +573,9 @@ def _iter_shard(path: str | Path) -> Iterator[dict]:
             if not info.isfile():
                 continue
             key, ext = base_plus_ext(info.name)
+            refused = oversized(info.name, ext, info.size)
+            if refused is not None:
+                raise ShardReadError(f"cannot read shard {path}: {refused}")
             if sample is not None and sample["__key__"] != key:
                 yield sample
                 sample = None

@@ -7,7 +7,9 @@ from lvvit.labeling.teacher import (
     TEACHERS,
     DenseCNNTeacher,
     LVViTDenseTeacher,
+    TeacherOutputError,
     build_teacher,
+    check_logits,
     dense_topk,
 )
 
@@ -20,7 +22,9 @@ __all__ = [
     "OnnxTeacherError",
     "SmallCNN",
     "SmallCNNConfig",
+    "TeacherOutputError",
     "build_teacher",
+    "check_logits",
     "dense_topk",
     "eval_box",
     "load_onnx_teacher",

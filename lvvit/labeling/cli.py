@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from lvvit import atomic
+from lvvit import atomic, jsonload
 from lvvit.data.cli import add_class_order
 from lvvit.data.shards import count_shard_samples
 from lvvit.data.source import (
@@ -44,18 +44,13 @@ from lvvit.data.source import (
     is_remote,
     resolve,
 )
+from lvvit.data.tarsamples import ShardReadError
 from lvvit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lvvit.labeling.labeler import CHANNEL_ORDERS, PRECISIONS, Labeler, ShardResult
-from lvvit.labeling.onnx_teacher import (
-    LAYOUTS,
-    PROVIDERS,
-    OnnxTeacherError,
-    fixed_size,
-    load_onnx_teacher,
-)
+from lvvit.labeling.onnx_file import PROVIDERS, Limits, add_limit_args, limits_from_args
+from lvvit.labeling.onnx_teacher import LAYOUTS, OnnxTeacherError, fixed_size, load_onnx_teacher
 from lvvit.labeling.sources import Plan, ShardJob, is_shard_folder, plan_image_folder, plan_shards
-from lvvit.labeling.tarsamples import ShardReadError
-from lvvit.labeling.teacher import TEACHERS, build_teacher
+from lvvit.labeling.teacher import TEACHERS, TeacherOutputError, build_teacher
 
 log = logging.getLogger("lvvit.label")
 
@@ -125,7 +120,12 @@ def check_settings(out: Path, settings: dict) -> None:
     path = out / SETTINGS_FILE
     if not path.is_file():
         return
-    previous = json.loads(path.read_text())
+    try:
+        previous = jsonload.loads(path.read_bytes())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"{path}: unreadable label settings ({err}); choose another --out or empty it") from None
+    if not isinstance(previous, dict):
+        raise SystemExit(f"{path}: expected a JSON object; choose another --out or empty it")
     changed = sorted(k for k in previous.keys() | settings.keys() if previous.get(k) != settings.get(k))
     if changed:
         raise SystemExit(
@@ -197,10 +197,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default={},
         help='JSON architecture overrides, e.g. \'{"embed_dim": 48, "depth": 2}\' or \'{"widths": [16, 32]}\'',
     )
-    t.add_argument("--num-classes", type=int, help="teacher class count (default: the checkpoint's / 1000)")
+    t.add_argument("--num-classes", type=int,
+                   help="class count the teacher's output must have (default: the length of classes.json of --input); "
+                   "also a torch teacher's head size (default: the checkpoint's)")
     t.add_argument("--topk", type=int, default=5, help="classes kept per map cell")
     t.add_argument("--onnx-provider", choices=list(PROVIDERS), default="cpu",
                    help="ONNX Runtime provider of an onnx: teacher (cuda, tensorrt: device LOCAL_RANK)")
+    add_limit_args(t)
     pre = p.add_argument_group("preprocessing (bicubic resize of the shorter side, centre crop)")
     pre.add_argument("--img-size", type=int,
                      help=f"teacher input size (default: an ONNX graph's fixed size, else {BUILTIN_IMG_SIZE}, "
@@ -252,13 +255,12 @@ def check_teacher_args(args: argparse.Namespace) -> None:
     ignored = [flag for flag, used in (
         ("--teacher-checkpoint", args.teacher_checkpoint is not None),
         ("--teacher-args", bool(args.teacher_args)),
-        ("--num-classes", args.num_classes is not None),
         (f"--precision {args.precision}", args.precision != "fp32"),
         (f"--device {args.device}", args.device != "cpu"),
     ) if used]
     if ignored:
         raise SystemExit(
-            f"{', '.join(ignored)}: not used with --teacher {args.teacher} (the graph fixes weights, classes and "
+            f"{', '.join(ignored)}: not used with --teacher {args.teacher} (the graph fixes weights and "
             "precision; --onnx-provider picks the device)"
         )
 
@@ -288,21 +290,31 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise SystemExit(f"--input {args.input}: {e}") from None
 
 
-def make_teacher(args: argparse.Namespace, ranks: RankInfo) -> torch.nn.Module:
+def dataset_classes(args: argparse.Namespace, plan: Plan) -> int | None:
+    """The class count the teacher's output must have: classes.json's, or --num-classes."""
+    listed = None if plan.classes is None else len(json.loads(plan.classes))
+    if listed is not None and args.num_classes is not None and listed != args.num_classes:
+        raise SystemExit(f"--num-classes {args.num_classes}, but classes.json of {args.input} lists {listed} classes")
+    if listed is None and args.num_classes is None:
+        log.warning("no classes.json and no --num-classes: the teacher's class count is not checked")
+    return listed if listed is not None else args.num_classes
+
+
+def make_teacher(args: argparse.Namespace, ranks: RankInfo, num_classes: int | None, limits: Limits) -> torch.nn.Module:
     path = onnx_path(args.teacher)
     if path is not None:
-        try:
-            return load_onnx_teacher(path, args.img_size, args.layout, args.onnx_provider, ranks.local_rank)
-        except OnnxTeacherError as e:
-            raise SystemExit(str(e)) from None
+        return load_onnx_teacher(
+            path, args.img_size, args.layout, args.onnx_provider, ranks.local_rank, limits, num_classes
+        )
     teacher_args = dict(args.teacher_args)
     if args.num_classes is not None:
         teacher_args["num_classes"] = args.num_classes
     return build_teacher(args.teacher, args.teacher_checkpoint, args.img_size, **teacher_args)
 
 
-def make_labeler(args: argparse.Namespace, ranks: RankInfo) -> Labeler:
-    teacher = make_teacher(args, ranks)
+def make_labeler(args: argparse.Namespace, ranks: RankInfo, num_classes: int | None, limits: Limits) -> Labeler:
+    """The teacher, checked and probed (an ONNX one), behind the preprocessing."""
+    teacher = make_teacher(args, ranks, num_classes, limits)
     device = f"cuda:{ranks.local_rank}" if args.device == "cuda" else args.device
     return Labeler(
         teacher,
@@ -316,14 +328,16 @@ def make_labeler(args: argparse.Namespace, ranks: RankInfo) -> Labeler:
         mean=tuple(args.mean),
         std=tuple(args.std),
         channel_order=args.channel_order,
+        num_classes=num_classes,
+        where=str(teacher_file(args)),
     )
 
 
 def label_jobs(
-    args: argparse.Namespace, ranks: RankInfo, todo: list[ShardJob], settings: dict
+    args: argparse.Namespace, ranks: RankInfo, labeler: Labeler, todo: list[ShardJob], settings: dict
 ) -> tuple[list[ShardResult], list[str]]:
-    """Label this rank's unfinished shards; a damaged input shard is reported and passed over."""
-    labeler = make_labeler(args, ranks)
+    """Label this rank's unfinished shards; a damaged input shard is reported and passed over,
+    a teacher whose output cannot be labels ends the job (its shard is not written)."""
     expected = [job.expected for job in todo]
     results, failures = [], []
     bar = tqdm(
@@ -338,13 +352,14 @@ def label_jobs(
                 log.error("%s not written: %s", job.name, e)
                 failures.append(f"{job.name}: {e}")
                 continue
+            except (TeacherOutputError, OnnxTeacherError) as e:
+                raise SystemExit(f"{e} (labeling {job.name}; not written)") from None
             results.append(result)
             record_settings(args.out, settings)
             log.info(
                 "%s: %d images labeled, %d skipped, %.1f img/s",
                 job.name, result.written, len(result.skipped), result.written / max(result.seconds, 1e-9),
             )
-    labeler.close()
     return results, failures
 
 
@@ -368,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         return dense_teacher_main(argv[1:])
     args = parse_args(argv)
     check_teacher_args(args)
+    limits = limits_from_args(args)
     try:
         args.img_size = resolve_img_size(args)
     except OnnxTeacherError as e:
@@ -379,11 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     plan = make_plan(args)
     if not plan.jobs:
         raise SystemExit(f"nothing to label in {args.input}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    if plan.classes is not None:
-        atomic.write_bytes(args.out / "classes.json", plan.classes)
-    else:
+    if plan.classes is None:
         log.warning("%s has no classes.json; the output will have none either", args.input)
+    num_classes = dataset_classes(args, plan)
 
     settings = labeling_settings(args)
     check_settings(args.out, settings)
@@ -394,7 +408,17 @@ def main(argv: list[str] | None = None) -> int:
         "%d shards from %s; this rank (%d of %d) has %d, %d already finished",
         len(plan.jobs), args.input, ranks.rank, ranks.world_size, len(mine), len(mine) - len(todo),
     )
-    results, failures = label_jobs(args, ranks, todo, settings) if todo else ([], [])
+    results, failures = [], []
+    if todo:
+        try:
+            labeler = make_labeler(args, ranks, num_classes, limits)
+        except (TeacherOutputError, OnnxTeacherError) as e:
+            raise SystemExit(str(e)) from None
+        args.out.mkdir(parents=True, exist_ok=True)
+        try:
+            results, failures = label_jobs(args, ranks, labeler, todo, settings)
+        finally:
+            labeler.close()
     report(ranks, results, len(mine) - len(todo), plan.skipped if ranks.rank == 0 else [])
     if failures:
         log.error("rank %d: %d shards failed and were not written:", ranks.rank, len(failures))
@@ -402,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
             log.error("  %s", failure)
         return 1
 
+    # classes.json last of this rank's files: a job that failed leaves none to look finished.
+    if plan.classes is not None:
+        atomic.write_bytes(args.out / "classes.json", plan.classes)
     # No collectives: the rank that finishes last sees every shard and writes the manifest.
     if all((args.out / job.name).exists() for job in plan.jobs):
         write_manifest(args.out, plan.jobs)

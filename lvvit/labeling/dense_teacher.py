@@ -6,17 +6,26 @@ allowed between) becomes a 1x1 Conv on the pre-pool feature map, so OUT maps ima
 dense map over locations must equal the classifier's logits; the figure is printed.
 ``lvvit-label --teacher onnx:IN.onnx`` does the same rewrite in memory; this command is
 for looking at the result (Netron) or using it elsewhere.
+
+The classifier is held to the same bounds as a labeling teacher (docs/security.md). A
+classifier with external data keeps it: OUT refers to the same data file(s), copied
+beside OUT when OUT is written to another folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
+import onnx
+
 from lvvit import atomic
+from lvvit.labeling.onnx_file import add_limit_args, check_graph, graph_tensors, limits_from_args
 from lvvit.labeling.onnx_teacher import (
     LAYOUTS,
     OnnxTeacherError,
+    input_shape,
     input_spec,
     load_model,
     make_dense,
@@ -34,6 +43,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--img-size", type=int,
                    help=f"input size of the check (default: the graph's fixed size, else {DEFAULT_CHECK_SIZE})")
     p.add_argument("--layout", choices=list(LAYOUTS), default="nchw", help="input layout of the graph (default: nchw)")
+    add_limit_args(p)
     return p.parse_args(argv)
 
 
@@ -45,13 +55,31 @@ def rewrite(args: argparse.Namespace) -> float:
     size = args.img_size or spec.size or DEFAULT_CHECK_SIZE
     if spec.size is not None and spec.size != size:
         raise OnnxTeacherError(f"{where}: the graph's input is {spec.size} px, --img-size is {size}")
-    dense, head = make_dense(model, where)
-    diff = verify_dense(model, dense, spec, size, where)
+    limits, folder = limits_from_args(args), args.input.parent
+    check_graph(model, spec.name, input_shape(spec, size), limits, where)
+    dense, head = make_dense(model, where, folder)
+    diff = verify_dense(model, dense, spec, size, where, folder, limits)
+    copy_external_data(dense, folder, args.output.parent)
     atomic.write_bytes(args.output, dense.SerializeToString())
     print(f"{where}: head {' -> '.join(head.nodes)} replaced by a 1x1 Conv with {head.weight.shape[0]} classes")
     print(f"check at {size} px: max |mean of dense map - logits| / max(1, |logits|) = {diff:.2e}")
     print(f"wrote {args.output}")
     return diff
+
+
+def copy_external_data(model: onnx.ModelProto, source: Path, target: Path) -> None:
+    """Copy the external data files ``model`` refers to from ``source`` to ``target`` (OUT's
+    folder), streamed; a different file already there under that name is refused."""
+    names = {e.value for t in graph_tensors(model.graph) for e in t.external_data if e.key == "location"}
+    for name in sorted(names):
+        src, dst = source / name, target / name
+        if dst.exists() and dst.resolve() == src.resolve():
+            continue
+        if dst.exists():
+            raise OnnxTeacherError(f"{dst} exists: OUT's external data would replace it; write OUT beside IN "
+                                   "or in another folder")
+        with atomic.atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
 
 
 def main(argv: list[str]) -> int:

@@ -24,9 +24,9 @@ from torch import nn
 
 from lvvit.data.labelmap import LabelMap, encode_tlm
 from lvvit.data.pipeline import SkippedSample
+from lvvit.data.tarsamples import ShardReadError, TarSample, add_member, new_member
 from lvvit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, normalize, open_image
-from lvvit.labeling.tarsamples import ShardReadError, TarSample, add_member, new_member
-from lvvit.labeling.teacher import dense_topk
+from lvvit.labeling.teacher import check_logits, dense_topk
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +75,14 @@ class Labeler:
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
         channel_order: str = "rgb",
+        num_classes: int | None = None,
+        where: str = "teacher",
     ) -> None:
         """``mean``/``std`` and ``channel_order`` are the teacher's input convention: the
         crops are RGB, reordered to ``channel_order`` first, then normalised with ``mean``
-        and ``std`` given in that order (a BGR Caffe-style model lists its means as B, G, R)."""
+        and ``std`` given in that order (a BGR Caffe-style model lists its means as B, G, R).
+        Every batch's logits must be finite floats with ``num_classes`` classes (when
+        known); ``where`` (the teacher's file) names the teacher in that error."""
         self.device = torch.device(device)
         self.teacher = teacher.to(self.device).eval()
         if not 0.0 < crop_pct <= 1.0:
@@ -89,6 +93,7 @@ class Labeler:
         if channel_order not in CHANNEL_ORDERS:
             raise ValueError(f"channel_order must be one of {CHANNEL_ORDERS}, got {channel_order!r}")
         self.mean, self.std, self.bgr = tuple(mean), tuple(std), channel_order == "bgr"
+        self.num_classes, self.where = num_classes, where
         self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="label-decode")
 
     def close(self) -> None:
@@ -115,6 +120,7 @@ class Labeler:
         )
         with autocast:
             logits = self.teacher(normalize(images, self.mean, self.std))
+        check_logits(logits, self.num_classes, self.where)
         values, indices = dense_topk(logits, self.topk)
         values = values.cpu().numpy()
         indices = indices.cpu().numpy().astype(np.uint16)

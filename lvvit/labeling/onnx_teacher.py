@@ -7,15 +7,16 @@ linear layer at every location of the pre-pool feature map (a 1x1 Conv): because
 are linear, the mean of the map over locations is exactly the classifier's logits, which
 :func:`verify_dense` checks on the rewritten graph before it is used.
 
-The ONNX file is data (docs/security.md): protobuf parsed by ``onnx``, external data only
-from inside the model's folder, a bounded size, run by ONNX Runtime without custom ops.
+The ONNX file is data (docs/security.md): read, bounded and run by
+:mod:`lvvit.labeling.onnx_file`; what it returns must be finite float logits with the
+dataset's class count (:func:`lvvit.labeling.teacher.check_logits`).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,88 +27,34 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
+from lvvit.labeling.onnx_file import (
+    Constants,
+    Limits,
+    OnnxTeacherError,
+    _first_line,
+    bounded_run,
+    check_graph,
+    load_model,
+    make_session,
+    shapes_only,
+)
+from lvvit.labeling.teacher import check_logits
+
+__all__ = ["OnnxTeacherError", "load_model", "make_session"]  # re-exported: the file's reading lives in onnx_file
+
 log = logging.getLogger(__name__)
 
-MAX_ONNX_BYTES = 2 << 30
-"""Model file plus external data: protobuf's own limit for one in-memory model (2 GiB)."""
-
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 LAYOUTS = ("nchw", "nhwc")
 SHAPE_OPS = {"Flatten", "Reshape", "Squeeze", "Identity"}
 LINEAR_OPS = {"Gemm", "MatMul", "Conv"}
 DENSE_TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float16): 1e-2}
 """Allowed |mean of dense map - logits| relative to max(1, |logits|): fp16 rounds at ~1e-3."""
 
-_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-
-
-class OnnxTeacherError(ValueError):
-    """An ONNX teacher file that cannot be used; the message names the file and the cause."""
+FLOAT_OUTPUTS = ("tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)")
 
 
 class DenseRewriteError(OnnxTeacherError):
     """A classifier head that is not global average pooling followed by one linear layer."""
-
-
-# ------------------------------------------------------------------ reading the file as data
-def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor a graph stores (initializers, Constant values), subgraphs included."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            for sub in [attr.g, *attr.graphs] if attr.HasField("g") else attr.graphs:
-                yield from _graph_tensors(sub)
-
-
-def _external_bytes(model: onnx.ModelProto, path: Path) -> int:
-    """Bytes of external data the model references; refuses locations outside its folder."""
-    folder = path.parent.resolve()
-    files = set()
-    for tensor in _graph_tensors(model.graph):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        target = (folder / location).resolve()
-        if not location or Path(location).is_absolute() or ".." in Path(location).parts or not target.is_relative_to(
-            folder
-        ):
-            raise OnnxTeacherError(
-                f"{path}: tensor {tensor.name!r} points at external data {location!r} outside the model's folder"
-            )
-        if not target.is_file():
-            raise OnnxTeacherError(f"{path}: external data file {location!r} of tensor {tensor.name!r} is missing")
-        files.add(target)
-    return sum(f.stat().st_size for f in files)
-
-
-def load_model(path: str | Path) -> onnx.ModelProto:
-    """The checked model with its external data, or a one-line :class:`OnnxTeacherError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise OnnxTeacherError(f"ONNX teacher {path} does not exist")
-    size = path.stat().st_size
-    if size > MAX_ONNX_BYTES:
-        raise OnnxTeacherError(f"{path}: {size} bytes, more than the {MAX_ONNX_BYTES}-byte limit for a teacher")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf raises DecodeError and friends: all mean "not an ONNX model"
-        raise OnnxTeacherError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
-    size += _external_bytes(model, path)
-    if size > MAX_ONNX_BYTES:
-        raise OnnxTeacherError(f"{path}: {size} bytes with external data, more than {MAX_ONNX_BYTES}")
-    try:
-        onnx.load_external_data_for_model(model, str(path.parent))
-        onnx.checker.check_model(model)
-    except Exception as e:
-        raise OnnxTeacherError(f"{path}: not a valid ONNX model ({type(e).__name__}: {_first_line(e)})") from None
-    return model
-
-
-def _first_line(error: Exception) -> str:
-    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
 # ------------------------------------------------------------------ the model's input
@@ -160,14 +107,6 @@ class Head:
     nodes: tuple[str, ...]  # ops from the pooling to the output, in graph order
 
 
-def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    return values
-
-
 def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
     found = next((a for a in node.attribute if a.name == name), None)
     return default if found is None else helper.get_attribute_value(found)
@@ -177,7 +116,7 @@ def _describe(node: onnx.NodeProto) -> str:
     return f"{node.op_type} (node {node.name!r})" if node.name else node.op_type
 
 
-def _is_spatial_mean(node: onnx.NodeProto, consts: dict[str, np.ndarray]) -> bool:
+def _is_spatial_mean(node: onnx.NodeProto, consts: Mapping[str, np.ndarray]) -> bool:
     """GlobalAveragePool, or ReduceMean over H and W of NCHW (axes as attribute or input)."""
     if node.op_type == "GlobalAveragePool":
         return True
@@ -216,15 +155,16 @@ def _linear(node: onnx.NodeProto, data: str, const: np.ndarray | None) -> tuple[
     return weight[:, :, 0, 0], bias, 1.0
 
 
-def find_head(model: onnx.ModelProto, where: str) -> Head:
+def find_head(model: onnx.ModelProto, where: str, folder: Path | None = None) -> Head:
     """Walk back from the output through shape ops, one optional bias Add and one linear
     layer to a spatial mean; anything else there (a nonlinearity, attention pooling) is
-    refused with its op named, since applying it per location would not average out."""
+    refused with its op named, since applying it per location would not average out.
+    ``folder`` holds the model's external data, of which only the head's is read."""
     graph = model.graph
     if len(graph.output) != 1:
         raise DenseRewriteError(f"{where}: a classifier has one output, the graph has {len(graph.output)}")
     producers = {out: node for node in graph.node for out in node.output}
-    consts = _constants(graph)
+    consts = Constants(graph, folder)
     name, chain = graph.output[0].name, []
     weight, bias_terms = None, []
     while True:
@@ -268,10 +208,10 @@ def find_head(model: onnx.ModelProto, where: str) -> Head:
     return Head(node.input[0], weight, bias, tuple(reversed(chain)))
 
 
-def make_dense(model: onnx.ModelProto, where: str) -> tuple[onnx.ModelProto, Head]:
+def make_dense(model: onnx.ModelProto, where: str, folder: Path | None = None) -> tuple[onnx.ModelProto, Head]:
     """The classifier with its pooling + linear head replaced by a 1x1 Conv on the features,
     whose ``[B, classes, h, w]`` output keeps the graph output's name."""
-    head = find_head(model, where)
+    head = find_head(model, where, folder)
     dense = copy.deepcopy(model)
     graph = dense.graph
     output = graph.output[0]
@@ -293,7 +233,7 @@ def make_dense(model: onnx.ModelProto, where: str) -> tuple[onnx.ModelProto, Hea
          head.weight.shape[0], "height", "width"],
     ))
     try:
-        onnx.checker.check_model(dense)
+        onnx.checker.check_model(shapes_only(dense))  # the weights were checked with the classifier
     except onnx.checker.ValidationError as e:
         raise DenseRewriteError(f"{where}: the rewritten graph does not check ({_first_line(e)})") from None
     return dense, head
@@ -329,37 +269,30 @@ def _drop_replaced(graph: onnx.GraphProto, output: str, head_name: str) -> None:
 
 
 # ------------------------------------------------------------------ running with ONNX Runtime
-def make_session(
-    model: onnx.ModelProto, where: str, provider: str = "cpu", device_id: int = 0
-) -> ort.InferenceSession:
-    """An ORT session on ``provider`` with as many threads as torch uses (ranks share cores)."""
-    name = PROVIDERS[provider]
-    if name not in ort.get_available_providers():
-        raise OnnxTeacherError(
-            f"--onnx-provider {provider}: ONNX Runtime here has {', '.join(ort.get_available_providers())}; "
-            f"{name} needs onnxruntime-gpu"
-        )
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    providers = [name if provider == "cpu" else (name, {"device_id": device_id}), "CPUExecutionProvider"]
-    try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=providers[: 1 if provider == "cpu" else 2])
-    except Exception as e:  # ORT's own exception types: an op or type it cannot run
-        raise OnnxTeacherError(f"{where}: ONNX Runtime cannot load it ({_first_line(e)})") from None
-
-
 def _example(spec: InputSpec, size: int, batch: int, seed: int = 0) -> np.ndarray:
     shape = (batch, 3, size, size) if spec.layout == "nchw" else (batch, size, size, 3)
     return np.random.default_rng(seed).standard_normal(shape).astype(spec.dtype)
 
 
-def verify_dense(original: onnx.ModelProto, dense: onnx.ModelProto, spec: InputSpec, size: int, where: str) -> float:
+def _run(session: ort.InferenceSession, spec: InputSpec, x: np.ndarray, where: str, limits: Limits) -> np.ndarray:
+    """The first output for ``x``, within ``limits``; any failure is one named line."""
+    try:
+        return bounded_run(session, {spec.name: x}, limits, where, [session.get_outputs()[0].name])[0]
+    except OnnxTeacherError:
+        raise
+    except Exception as e:  # ORT's own exception types; any of them means the graph cannot run here
+        size = x.shape[2]  # H of NCHW, W of NHWC: inputs are square
+        raise OnnxTeacherError(f"{where}: ONNX Runtime cannot run it at {size} px ({_first_line(e)})") from None
+
+
+def verify_dense(original: onnx.ModelProto, dense: onnx.ModelProto, spec: InputSpec, size: int, where: str,
+                 folder: Path | None = None, limits: Limits | None = None) -> float:
     """Max |mean over locations of the dense map - the classifier's logits|, relative to
     max(1, |logits|); refused above :data:`DENSE_TOLERANCE` (the head was not pool + linear)."""
+    limits = limits or Limits()
     x = _example(spec, size, spec.batch or 2)
-    logits = make_session(original, where).run(None, {spec.name: x})[0].astype(np.float64)
-    maps = make_session(dense, where).run(None, {spec.name: x})[0].astype(np.float64)
+    logits = _run(make_session(original, where, folder=folder), spec, x, where, limits).astype(np.float64)
+    maps = _run(make_session(dense, where, folder=folder), spec, x, where, limits).astype(np.float64)
     if maps.ndim != 4 or logits.ndim != 2:
         raise DenseRewriteError(f"{where}: the rewrite gave {list(maps.shape)} for logits {list(logits.shape)}")
     diff = float(np.abs(maps.mean(axis=(2, 3)) - logits).max() / max(1.0, float(np.abs(logits).max())))
@@ -390,10 +323,10 @@ class OnnxTeacher(nn.Module):
     in, ``[B, C, h, w]`` float32 out), so the :class:`~lvvit.labeling.labeler.Labeler` runs
     it like any torch teacher. No parameters: the graph holds the weights."""
 
-    def __init__(self, session: ort.InferenceSession, spec: InputSpec, where: str) -> None:
+    def __init__(self, session: ort.InferenceSession, spec: InputSpec, where: str, limits: Limits | None = None) -> None:
         super().__init__()
         self.session, self.spec, self.where = session, spec, where
-        self.output = session.get_outputs()[0].name
+        self.limits = limits or Limits()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.detach().float().cpu().numpy()
@@ -410,16 +343,20 @@ class OnnxTeacher(nn.Module):
         n = len(chunk)
         if n < batch:
             chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), chunk.dtype)])
-        return self.session.run([self.output], {self.spec.name: chunk})[0][:n]
+        return _run(self.session, self.spec, chunk, self.where, self.limits)[:n]
 
 
-def _probe(model: onnx.ModelProto, spec: InputSpec, size: int, provider: str, device_id: int, where: str) -> np.ndarray:
-    """The output for one example input: tells a classifier from a dense teacher."""
-    session = make_session(model, where, provider, device_id)
-    try:
-        return session.run(None, {spec.name: _example(spec, size, spec.batch or 1)})[0]
-    except Exception as e:  # ORT's own exception types; any of them means the graph cannot run here
-        raise OnnxTeacherError(f"{where}: ONNX Runtime cannot run it at {size} px ({_first_line(e)})") from None
+def input_shape(spec: InputSpec, size: int) -> list[int]:
+    """The input shape at ``size`` px, the graph's fixed batch or one image."""
+    batch = spec.batch or 1
+    return [batch, 3, size, size] if spec.layout == "nchw" else [batch, size, size, 3]
+
+
+def _check_output_type(session: ort.InferenceSession, where: str) -> None:
+    """Logits are floats: an integer output would be turned into labels of nothing."""
+    output = session.get_outputs()[0]
+    if output.type not in FLOAT_OUTPUTS:
+        raise OnnxTeacherError(f"{where}: output {output.name!r} is {output.type}, a teacher returns float logits")
 
 
 def fixed_size(path: str | Path, layout: str) -> int | None:
@@ -428,24 +365,35 @@ def fixed_size(path: str | Path, layout: str) -> int | None:
 
 
 def load_onnx_teacher(
-    path: str | Path, img_size: int, layout: str = "nchw", provider: str = "cpu", device_id: int = 0
+    path: str | Path, img_size: int, layout: str = "nchw", provider: str = "cpu", device_id: int = 0,
+    limits: Limits | None = None, num_classes: int | None = None,
 ) -> OnnxTeacher:
     """A teacher from an ONNX file: dense maps and tokens as they are, a ``[B, C]``
-    classifier rewritten by :func:`make_dense` and checked by :func:`verify_dense`."""
-    where = str(path)
+    classifier rewritten by :func:`make_dense` and checked by :func:`verify_dense`.
+
+    Before anything runs, the graph is held to ``limits`` at ``img_size``; then one probe
+    input must give finite float logits with ``num_classes`` classes (when given), so a
+    teacher that cannot label this dataset is refused before the first shard.
+    """
+    where, folder, limits = str(path), Path(path).parent, limits or Limits()
     model = load_model(path)
     spec = input_spec(model, layout, where)
     if spec.size is not None and spec.size != img_size:
         raise OnnxTeacherError(f"{where}: the graph's input is {spec.size} px, --img-size is {img_size}")
-    probe = _probe(model, spec, img_size, provider, device_id, where)
+    check_graph(model, spec.name, input_shape(spec, img_size), limits, where)
+    session = make_session(model, where, provider, device_id, folder)
+    _check_output_type(session, where)
+    probe = _run(session, spec, _example(spec, img_size, spec.batch or 1), where, limits)
     if probe.ndim == 2:
         classifier = model
-        model, head = make_dense(classifier, where)
-        diff = verify_dense(classifier, model, spec, img_size, where)
+        model, head = make_dense(classifier, where, folder)
+        diff = verify_dense(classifier, model, spec, img_size, where, folder, limits)
         log.info(
             "%s is a classifier (%s): made dense, mean of the map = logits within %.1e", where, " -> ".join(head.nodes), diff
         )
         spec = input_spec(model, layout, where)
+        session = make_session(model, where, provider, device_id, folder)
     else:
-        to_dense_map(probe, where)
-    return OnnxTeacher(make_session(model, where, provider, device_id), spec, where)
+        probe = to_dense_map(probe, where)
+    check_logits(torch.from_numpy(np.asarray(probe, dtype=np.float32)), num_classes, where)
+    return OnnxTeacher(session, spec, where, limits)

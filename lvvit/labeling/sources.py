@@ -28,7 +28,7 @@ from lvvit.data.shards import (
 )
 from lvvit.data.source import ShardSource, SourceError
 from lvvit.data.source import shard_name as url_shard_name
-from lvvit.labeling.tarsamples import TarSample, iter_tar_samples
+from lvvit.data.tarsamples import TarSample, iter_tar_samples
 
 log = logging.getLogger(__name__)
 

@@ -110,6 +110,29 @@ def build_teacher(
     return factory(checkpoint=checkpoint, img_size=img_size, **kwargs).eval()
 
 
+class TeacherOutputError(ValueError):
+    """A teacher whose output cannot be labels for this dataset; the message names its file."""
+
+
+def check_logits(logits: torch.Tensor, num_classes: int | None, where: str) -> None:
+    """Finite float logits with ``num_classes`` classes on dim 1 (when known).
+
+    Anything else would label silently and fail in training at step 1 (indices out of
+    range) or train on NaN, after the whole labeling job: refused on the first batch.
+    """
+    if not logits.is_floating_point():
+        raise TeacherOutputError(f"{where}: the teacher's output is {logits.dtype}, not float logits")
+    if logits.ndim < 2:
+        raise TeacherOutputError(f"{where}: the teacher's output has shape {list(logits.shape)}, no class dimension")
+    if num_classes is not None and logits.shape[1] != num_classes:
+        raise TeacherOutputError(
+            f"{where}: the teacher's output has {logits.shape[1]} classes, the dataset has {num_classes}"
+        )
+    bad = int((~torch.isfinite(logits)).sum())
+    if bad:
+        raise TeacherOutputError(f"{where}: the teacher's output holds {bad} NaN or infinite values of {logits.numel()}")
+
+
 def dense_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of dense logits ``[B, C, h, w]`` over classes, best first: fp16 values, uint16-ready indices."""
     if logits.ndim != 4:

@@ -195,6 +195,8 @@ class Checkpointer:
     """Saves on every rank (DeepSpeed needs all of them), keeps the newest ``keep`` tags."""
 
     def __init__(self, engine, directory: Path, keep: int, ema: ModelEma | None) -> None:
+        if keep < 1:  # rotation would delete the tag just written (train.py refuses --keep < 1)
+            raise ValueError(f"keep must be >= 1, not {keep}")
         self.engine = engine
         self.directory = Path(directory)
         self.keep = keep

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from lvvit import jsonload
 from lvvit.data.source import (
     DEFAULT_RETRIES,
     DEFAULT_TIMEOUT,
@@ -30,6 +31,7 @@ from lvvit.data.source import (
     SourceError,
     resolve,
 )
+from lvvit.train.options import check_ranges, yaml_defaults
 from lvvit.train.preemption import DEFAULT_GRACE, DEFAULT_SIGNALS, parse_signals
 
 DS_CONFIGS_PACKAGE = "lvvit.train.ds_configs"
@@ -161,32 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _yaml_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise SystemExit(f"--config {path}: {' '.join(str(e).split())}") from e
-    if not isinstance(data, dict):
-        raise SystemExit(f"--config {path}: expected a mapping of option: value")
-    known = {a.dest for a in parser._actions} - {"config", "help", "local_rank"}
-    out = {}
-    for key, value in data.items():
-        dest = str(key).replace("-", "_")
-        if dest not in known:
-            close = difflib.get_close_matches(dest, known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise SystemExit(f"--config {path}: unknown option {key!r}{hint}")
-        out[dest] = value
-    return out
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Options with the YAML file's values as defaults, so the command line wins."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.config is not None:
-        parser.set_defaults(**_yaml_defaults(parser, args.config))
+        parser.set_defaults(**yaml_defaults(parser, args.config))
         args = parser.parse_args(argv)
+    check_ranges(parser, args)
     for name in ("output", "finetune", "deepspeed_config"):
         value = getattr(args, name)
         if value is not None and not isinstance(value, Path):
@@ -201,13 +185,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_preemption(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """``--preempt-signals`` names catchable signals; ``--preempt-grace`` is positive."""
+    """``--preempt-signals`` names catchable signals (``--preempt-grace`` is in ``options.RANGES``)."""
     try:
         parse_signals(args.preempt_signals)
     except ValueError as err:
         parser.error(f"--preempt-signals: {err}")
-    if not args.preempt_grace > 0:
-        parser.error(f"--preempt-grace must be > 0 seconds (got {args.preempt_grace})")
 
 
 def check_eval_only(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -332,22 +314,13 @@ def load_ds_config(path: Path) -> dict:
     does not read: DeepSpeed ignores an unknown top-level key, so ``zero_optimisation``
     would train a whole run at ZeRO stage 0."""
     try:
-        cfg = json.loads(path.read_text(), object_pairs_hook=_no_duplicate_keys)
+        cfg = jsonload.loads(path.read_bytes())
     except (OSError, ValueError) as e:
         raise SystemExit(f"--deepspeed_config {path}: {e}") from e
     if not isinstance(cfg, dict):
         raise SystemExit(f"--deepspeed_config {path}: expected a JSON object")
     check_ds_config(cfg, f"--deepspeed_config {path}")
     return cfg
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise ValueError(f"key {key!r} appears twice")
-        seen[key] = value
-    return seen
 
 
 Schema = dict[str, "Schema | None"]

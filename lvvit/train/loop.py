@@ -29,6 +29,7 @@ from lvvit import atomic
 from lvvit.ports import free_port
 from lvvit.train import config as C
 from lvvit.train.checkpointing import WEIGHTS_FILE, Checkpointer, consolidate, step_tag
+from lvvit.train.output_lock import lock_output
 from lvvit.train.preemption import PREEMPTED_EXIT, Preempted, Preemption, exit_now, parse_signals
 from lvvit.train.step import STEP_STATS, Objective, train_step
 from lvvit.train.tracking import (
@@ -46,6 +47,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lvvit.train")
 EVAL_FILE = "eval.json"
+TERMINATED_EXIT = 128 + signal.SIGTERM
+"""Exit status on SIGTERM outside the training steps (set-up, eval-only): the shell's for a
+process killed by it."""
 FINISH_MARGIN = 5.0
 """Seconds of a preemption's grace period kept for the process to exit after MLflow's last send."""
 
@@ -236,6 +240,7 @@ class Trainer:
         self.preemption = Preemption(parse_signals(args.preempt_signals), args.preempt_grace)
         run_config = C.prepare(args, self.world)  # every config check, before the model exists
         args.output.mkdir(parents=True, exist_ok=True)
+        self.output_lock = None if args.eval_only else lock_output(args.output, self.rank)  # before compute
         self.ds_config, self.plan = run_config.ds_config, run_config.plan
         self.lr, self.steps_per_epoch = run_config.lr, run_config.steps_per_epoch
         self.total_epochs = args.epochs + args.cooldown_epochs
@@ -639,7 +644,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = C.parse_args(argv)
     raise_on_sigterm()
-    trainer = Trainer(args)
+    try:
+        trainer = Trainer(args)
+    except Terminated:  # before the first step nothing is lost (docs/training.md, "Preemption")
+        log.warning("SIGTERM during set-up; exiting with %d", TERMINATED_EXIT)
+        exit_now(TERMINATED_EXIT)
     try:
         if args.eval_only:
             trainer.eval_only()
@@ -647,11 +656,13 @@ def main(argv: list[str] | None = None) -> None:
             trainer.run()
     except Preempted:  # checkpoint saved on every rank: close the run inside the grace period
         trainer.tracker.finish("KILLED", wait=trainer.preemption.seconds_left() - FINISH_MARGIN)
+        if trainer.output_lock is not None:  # exit_now skips atexit: the resume finds no stale holder
+            trainer.output_lock.release()
         exit_now(PREEMPTED_EXIT)
     except BaseException as err:  # the MLflow run says FAILED or KILLED, never FINISHED
         trainer.tracker.finish(end_status(err))
         if isinstance(err, Terminated):
-            raise SystemExit(128 + signal.SIGTERM) from None
+            raise SystemExit(TERMINATED_EXIT) from None
         raise
 
 

@@ -14,6 +14,13 @@ The grace period is enforced by the kernel, not by Python: the first signal arms
 peer died mid-save, a file system that hangs) ends at the deadline even when it is blocked
 inside C code. ``latest`` is only ever replaced after a complete save, so it still names
 the previous complete checkpoint then.
+
+``deepspeed train.py`` on one node is two launcher processes: the ``deepspeed`` runner, which
+forwards no signal (a SIGTERM to it alone ends it and nothing else), and the per-node
+``deepspeed.launcher.launch`` that starts the ranks. A rank started by the latter watches
+both and, when either goes away, sends itself the first preemption signal: the command
+users type (and a container's init that signals it) then stops the run like a signal to
+the ranks would.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, NoReturn, TypeVar
@@ -40,6 +48,10 @@ saved: ``EX_TEMPFAIL`` of sysexits.h, "try again later" (docs/training.md, "Pree
 DEFAULT_SIGNALS = "SIGTERM,SIGUSR1"
 DEFAULT_GRACE = 60.0
 UNCATCHABLE = {signal.SIGKILL, signal.SIGSTOP}
+DEEPSPEED_LAUNCHER = "deepspeed.launcher.launch"
+"""The module DeepSpeed's runner starts on each node (its command line names it)."""
+WATCH_EVERY = 0.1
+"""Seconds between looks at the launcher processes."""
 T = TypeVar("T")
 _END = object()
 
@@ -93,9 +105,11 @@ class Preemption:
         self.pid = os.getpid()
 
     def install(self) -> None:
-        """From here on the signals only set the flag (the run is past its setup)."""
+        """From here on the signals only set the flag (the run is past its setup), and the end
+        of DeepSpeed's launcher processes raises the first of them."""
         if self.signals:
             signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            watch_launcher(self.signals[0])
         for sig in self.signals:
             signal.signal(sig, self.handle)
 
@@ -178,6 +192,46 @@ class Preemption:
                     "(resume with --resume auto)", got, step, tag, save_seconds, PREEMPTED_EXIT)
 
 
+def watch_launcher(signum: signal.Signals) -> None:
+    """When this rank was started by ``deepspeed.launcher.launch``: a thread that sends
+    ``signum`` to this process once that launcher, or the process that started it (the
+    ``deepspeed`` runner), has ended. Other launchers (torchrun, srun, none) are not watched:
+    they pass signals on themselves, and a shell that ends is no reason to stop."""
+    import psutil
+
+    try:
+        launcher = psutil.Process(os.getppid())
+        if DEEPSPEED_LAUNCHER not in launcher.cmdline():
+            return
+        runner = launcher.ppid()
+    except psutil.Error:
+        return
+    threading.Thread(target=_signal_when_gone, args=(launcher, runner, signum), name="lvvit-launcher-watch",
+                     daemon=True).start()
+
+
+def _signal_when_gone(launcher, runner: int, signum: signal.Signals) -> None:
+    while (gone := _launcher_gone(launcher, runner)) is None:
+        time.sleep(WATCH_EVERY)
+    log.warning("%s has ended: stopping the run as on %s", gone, signum.name)
+    os.kill(os.getpid(), signum)
+
+
+def _launcher_gone(launcher, runner: int) -> str | None:
+    """Which of the two launcher processes has ended (the launcher is then no longer this
+    rank's parent; the runner, no longer the launcher's), if one has."""
+    import psutil
+
+    if os.getppid() != launcher.pid:
+        return f"{DEEPSPEED_LAUNCHER} (pid {launcher.pid})"
+    try:
+        if launcher.ppid() != runner:
+            return f"the deepspeed runner (pid {runner})"
+    except psutil.NoSuchProcess:
+        return f"{DEEPSPEED_LAUNCHER} (pid {launcher.pid})"
+    return None
+
+
 def exit_now(code: int) -> NoReturn:
     """End the process with ``code`` once the logs are flushed, skipping the interpreter's
     teardown: collecting the heap of torch, DeepSpeed and MLflow takes seconds (measured
@@ -190,4 +244,4 @@ def exit_now(code: int) -> NoReturn:
 
 
 __all__ = ["DEFAULT_GRACE", "DEFAULT_SIGNALS", "PREEMPTED_EXIT", "Preempted", "Preemption", "exit_now",
-           "parse_signals"]
+           "parse_signals", "watch_launcher"]

@@ -8,16 +8,18 @@ Every call to MLflow is bounded (:func:`bound_http_requests`) and made by one ba
 thread: the training step only puts a record on a bounded queue. While the server does not
 answer, records go to ``OUTPUT/mlflow-spool.jsonl`` and are sent when it answers again;
 what is still there when the run ends can be sent later with
-``python -m lvvit.train.tracking replay OUTPUT``.
+``python -m lvvit.train.tracking replay OUTPUT``. Every line of a spool is checked before
+any is sent (lvvit/train/spool.py): it can only do what the trainer does, to the runs its
+folder records.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -27,12 +29,20 @@ from pathlib import Path
 from typing import Any
 
 from lvvit import atomic
+from lvvit.train.spool import (
+    EVAL_RUN_FILE,
+    FILE_NAME,
+    MAX_PARAM_CHARS,
+    MAX_SPOOL_MB,
+    MAX_TEXT_CHARS,
+    RUN_FILE,
+    Spool,
+    inside,
+    read_run_file,
+)
 
 log = logging.getLogger("lvvit.train.tracking")
 
-RUN_FILE = "mlflow_run.json"
-SPOOL_FILE = "mlflow-spool.jsonl"
-MAX_PARAM_CHARS = 6000
 HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
@@ -69,11 +79,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-def read_run_file(output: Path) -> dict[str, str] | None:
-    path = Path(output) / RUN_FILE
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def bound_http_requests() -> None:
     """Short timeouts and few retries for every MLflow HTTP call of this process, unless the
     user set the variables. MLflow reads them at each request."""
@@ -107,23 +112,26 @@ def experiment_id(client, name: str) -> str:
 
 # ----------------------------------------------------------------- records
 # One record per tracking call, as JSON: what the sender sends and the spool keeps.
-# "run" is the run id, or None for "the run made by the latest preceding 'create' record".
+# "run" is the run id, or None for "the run made by the latest preceding 'create' record";
+# file paths are relative to the output folder (lvvit/train/spool.py checks each field).
 
-def write_run_file(output: Path, run, uri: str) -> None:
-    """``OUTPUT/mlflow_run.json``: the run ``--resume`` continues and ``lvvit-export`` logs to."""
-    atomic.write_json(output / RUN_FILE, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-                                          "tracking_uri": uri})
+def write_run_file(output: Path, name: str, run, uri: str) -> None:
+    """``OUTPUT/mlflow_run.json``: the run ``--resume`` continues and ``lvvit-export`` logs to
+    (``mlflow_eval_run.json`` for an eval-only run)."""
+    atomic.write_json(output / name, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+                                      "tracking_uri": uri})
 
 
-def apply(client, record: dict[str, Any], run_id: str | None) -> str | None:
-    """Send one record to ``run_id`` (a ``create`` record makes the run); returns the run id."""
+def apply(client, record: dict[str, Any], run_id: str | None, output: Path) -> str | None:
+    """Send one record to ``run_id`` (a ``create`` record makes the run and records it in
+    ``output``); returns the run id."""
     kind = record["kind"]
     if kind == "create":
         exp = experiment_id(client, record["experiment"])
         run = client.create_run(exp, run_name=record["run_name"], tags=record["tags"],
                                 start_time=record["time"])
-        if record.get("record_in"):
-            write_run_file(Path(record["record_in"]), run, client.tracking_uri)
+        recorded = record.get("record", record.get("record_in") is not None)
+        write_run_file(output, RUN_FILE if recorded else EVAL_RUN_FILE, run, client.tracking_uri)
         return run.info.run_id
     if run_id is None:
         raise ValueError(f"a {kind!r} record has no run (no 'create' record before it)")
@@ -142,9 +150,12 @@ def apply(client, record: dict[str, Any], run_id: str | None) -> str | None:
         client.log_batch(run_id, metrics=[Metric(k, float(v), record["time"], record["step"])
                                           for k, v in record["metrics"].items()])
     elif kind == "artifact":
-        client.log_artifact(run_id, record["path"], artifact_path=record["artifact_path"])
+        client.log_artifact(run_id, str(inside(output, record["path"])),
+                            artifact_path=record.get("artifact_path"))
     elif kind == "dict":
         client.log_dict(run_id, record["data"], record["name"])
+    elif kind == "text":
+        client.log_text(run_id, record["text"], record["name"])
     elif kind == "end":
         client.set_terminated(run_id, status=record["status"], end_time=record["time"])
     else:
@@ -154,60 +165,6 @@ def apply(client, record: dict[str, Any], run_id: str | None) -> str | None:
 
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-class Spool:
-    """Records not yet sent, one JSON object a line, appended as they come. Writers from two
-    threads (the sender, and the training thread when the queue is full) share a lock."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.lock = threading.Lock()
-
-    def append(self, records: list[dict[str, Any]]) -> None:
-        if not records:
-            return
-        with self.lock, open(self.path, "a") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in records))
-            f.flush()
-
-    def pending(self) -> bool:
-        return self.path.exists() and self.path.stat().st_size > 0
-
-    def take(self) -> tuple[list[dict[str, Any]], int]:
-        """The records now in the spool and the byte offset they end at."""
-        with self.lock:
-            if not self.path.exists():
-                return [], 0
-            data = self.path.read_bytes()
-        return parse_spool(self.path, data), len(data)
-
-    def settle(self, unsent: list[dict[str, Any]], offset: int) -> None:
-        """Keep ``unsent`` and whatever was appended after ``offset``; remove an empty spool."""
-        with self.lock:
-            tail = self.path.read_bytes()[offset:] if self.path.exists() else b""
-            text = "".join(json.dumps(r) + "\n" for r in unsent) + tail.decode()
-            if text:
-                atomic.write_text(self.path, text)
-            else:
-                self.path.unlink(missing_ok=True)
-
-    def count(self) -> int:
-        return len(self.take()[0])
-
-
-def parse_spool(path: Path, data: bytes) -> list[dict[str, Any]]:
-    """The spool's records; a torn last line (the process died mid-write) is dropped."""
-    records = []
-    lines = data.decode().splitlines()
-    for i, line in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i != len(lines) - 1:
-                raise SystemExit(f"{path}: line {i + 1} is not JSON") from None
-            log.warning("%s: dropping a torn last line", path)
-    return records
 
 
 def is_outage(err: BaseException) -> bool:
@@ -224,14 +181,14 @@ def is_outage(err: BaseException) -> bool:
     return isinstance(err, MlflowException) and err.get_http_status_code() >= 500 and err.__cause__ is None
 
 
-def send_all(client, records: list[dict[str, Any]], run_id: str | None,
+def send_all(client, records: list[dict[str, Any]], run_id: str | None, output: Path,
              on_run=None) -> tuple[list[dict[str, Any]], str | None, BaseException | None]:
     """Send ``records`` in order until the server stops answering; a record it refuses is
     dropped with a warning. Returns the unsent records (each naming its run, so the spool
     stays right once their ``create`` record is gone), the current run id and the error."""
     for i, record in enumerate(records):
         try:
-            new = apply(client, record, record.get("run") or run_id)
+            new = apply(client, record, record.get("run") or run_id, output)
         except Exception as err:  # connection errors, MlflowException
             if is_outage(err):
                 return stamp(records[i:], run_id), run_id, err
@@ -286,7 +243,7 @@ class MlflowTracker(NullTracker):
         self.output = output
         self.system_metrics = system_metrics
         self.monitor = None
-        self.spool = Spool(output / SPOOL_FILE)
+        self.spool = Spool(output)
         self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_SIZE)
         self.run_id = run_id
         self.finished = False
@@ -294,7 +251,7 @@ class MlflowTracker(NullTracker):
         self.offline_warned = False
         if run_id is None:
             start = {"kind": "create", "experiment": experiment, "run_name": run_name, "tags": tags,
-                     "time": now_ms(), "record_in": str(output.resolve()) if record else None}
+                     "time": now_ms(), "record": record}
         else:
             start = {"kind": "resume", "run": run_id}
         self.start(start, strict)
@@ -316,7 +273,7 @@ class MlflowTracker(NullTracker):
                 self.start_monitor(resume=record["kind"] == "resume")
             return
         try:
-            self.run_id = apply(self.client, record, self.run_id)
+            self.run_id = apply(self.client, record, self.run_id, self.output)
         except Exception as err:
             self.go_offline(err)
             self.spool.append([record])
@@ -348,8 +305,8 @@ class MlflowTracker(NullTracker):
 
     def flush_spool(self) -> bool:
         """Send the spool in order; ``True`` when it is empty afterwards."""
-        records, offset = self.spool.take()
-        unsent, self.run_id, err = send_all(self.client, records, self.run_id, on_run=self.created)
+        records, offset = self.spool.take({self.run_id} - {None})
+        unsent, self.run_id, err = send_all(self.client, records, self.run_id, self.output, on_run=self.created)
         self.spool.settle(unsent, offset)
         if err is not None:
             self.go_offline(err)
@@ -384,7 +341,7 @@ class MlflowTracker(NullTracker):
         """Straight to MLflow unless earlier records wait (order is kept); else to the spool."""
         if not self.spool.pending() and self.run_id is not None:
             try:
-                apply(self.client, record, record.get("run") or self.run_id)
+                apply(self.client, record, record.get("run") or self.run_id, self.output)
                 return
             except Exception as err:
                 if not is_outage(err):
@@ -418,7 +375,19 @@ class MlflowTracker(NullTracker):
                   "time": now_ms()})
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.put({"kind": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
+        """A file of the output folder by its relative path; any other (the ``--config``
+        file) by its text, so that the spool never names a file outside the folder."""
+        path, root = Path(path).resolve(), self.output.resolve()
+        if path.is_relative_to(root):
+            self.put({"kind": "artifact", "path": path.relative_to(root).as_posix(), "artifact_path": artifact_path})
+            return
+        with open(path, "rb") as f:
+            text = f.read(MAX_TEXT_CHARS + 1).decode(errors="replace")
+        if len(text) > MAX_TEXT_CHARS:
+            log.warning("%s is over %d characters: not logged to MLflow", path, MAX_TEXT_CHARS)
+            return
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", path.name).lstrip(".-") or "file"
+        self.put({"kind": "text", "text": text, "name": name if FILE_NAME.fullmatch(name) else "file"})
 
     def log_dict(self, data: dict, name: str) -> None:
         self.put({"kind": "dict", "data": data, "name": name})
@@ -491,26 +460,39 @@ def end_status(err: BaseException) -> str:
 
 # ----------------------------------------------------------------- replay
 
-def replay(output: Path) -> str:
-    """Send ``OUTPUT/mlflow-spool.jsonl`` to MLflow (``MLFLOW_TRACKING_URI``, else the URI in
-    ``OUTPUT/mlflow_run.json``); returns a one-line summary. What fails stays in the spool."""
+def replay(output: Path, max_spool_mb: float = MAX_SPOOL_MB) -> str:
+    """Send ``OUTPUT/mlflow-spool.jsonl`` to MLflow (``MLFLOW_TRACKING_URI``, else the http(s)
+    URI in ``OUTPUT/mlflow_run.json``); returns a one-line summary. Every line is checked
+    before any is sent (lvvit/train/spool.py); what fails to send stays in the spool."""
     bound_http_requests()
     from mlflow.tracking import MlflowClient
 
-    spool = Spool(output / SPOOL_FILE)
+    spool = Spool(output, max_spool_mb)
     if not spool.pending():
         raise SystemExit(f"{spool.path}: no spooled records")
-    recorded = read_run_file(output) or {}
-    client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or recorded.get("tracking_uri"))
+    client = MlflowClient(tracking_uri(output))
     records, offset = spool.take()
     runs: list[str] = []
-    unsent, _, err = send_all(client, records, None, on_run=runs.append)
+    unsent, _, err = send_all(client, records, None, output, on_run=runs.append)
     spool.settle(unsent, offset)
     if err is not None:
         raise SystemExit(f"{spool.path}: {len(records) - len(unsent)} of {len(records)} records sent to "
                          f"{client.tracking_uri}, then {first_line(err)}; the rest stay in the spool")
     targets = sorted({r["run"] for r in records if r.get("run")} | set(runs))
     return f"{len(records)} records sent to {client.tracking_uri}, run {', '.join(targets)}"
+
+
+def tracking_uri(output: Path) -> str | None:
+    """``MLFLOW_TRACKING_URI``, else the server the folder's run file names. A file names only
+    an http(s) server: a local store there (``sqlite:///``, a path) would be written outside
+    the folder, wherever the file says."""
+    if uri := os.environ.get("MLFLOW_TRACKING_URI"):
+        return uri
+    recorded = (read_run_file(output) or {}).get("tracking_uri")
+    if recorded is None or recorded.startswith(("http://", "https://")):
+        return recorded
+    raise SystemExit(f"{output / RUN_FILE}: tracking_uri {recorded[:200]!r} is not an http(s) server; "
+                     "set MLFLOW_TRACKING_URI to replay into a local store")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -521,9 +503,13 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("replay", help="send OUTPUT/mlflow-spool.jsonl to MLFLOW_TRACKING_URI "
                        "(else the URI in OUTPUT/mlflow_run.json); sent records leave the spool")
     p.add_argument("output", type=Path, help="the training run's --output folder")
+    p.add_argument("--max-spool-mb", type=float, default=MAX_SPOOL_MB, metavar="MB",
+                   help="largest spool read (default %(default)s)")
     args = parser.parse_args(argv)
+    if not (0 < args.max_spool_mb < float("inf")):
+        parser.error("--max-spool-mb must be positive and finite")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    print(replay(args.output))
+    print(replay(args.output, args.max_spool_mb))
 
 
 if __name__ == "__main__":
