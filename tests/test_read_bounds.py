@@ -87,7 +87,7 @@ def test_file_names_in_a_folder_never_run(hostile_folder: Path, tmp_path: Path, 
     monkeypatch.chdir(hostile_folder)
     assert _info(".") == 1  # the two non-tars are damaged shards, read as files
     source = open_source("--train-shards", ".", None,  # what train.py resolves --train-shards with
-                         argparse.Namespace(shard_timeout=5, shard_retries=0, shard_cache=None))
+                         argparse.Namespace(shard_timeout=5, shard_retries=0, shard_deadline=None, shard_cache=None))
     assert all(url.startswith(str(hostile_folder)) for url in source.urls)
     assert label_main(_label_args(".", tmp_path / "labeled", "smallcnn", teacher_file)) != 0
     _no_markers(hostile_folder)
@@ -170,7 +170,7 @@ def test_absurd_manifest_counts_are_refused(tmp_path: Path, samples: int, messag
     folder = write_shards(tmp_path / "s", [2], tlm=False, manifest_counts=[samples])
     with pytest.raises(SystemExit, match=message) as refused:
         open_source("--train-shards", str(folder), None,
-                    argparse.Namespace(shard_timeout=5, shard_retries=0, shard_cache=None))
+                    argparse.Namespace(shard_timeout=5, shard_retries=0, shard_deadline=None, shard_cache=None))
     assert "manifest.json" in str(refused.value) and "s-000000.tar" in str(refused.value)
 
 

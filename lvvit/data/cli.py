@@ -4,6 +4,7 @@ official TokenLabeling maps), look inside shards, and preview their token labels
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -23,6 +24,31 @@ def _byte_size(text: str) -> int:
         return int(float(text[:-1] if scale > 1 else text) * scale)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500M, 1G)") from None
+
+
+def add_access_args(group, on_failure: str) -> None:
+    """``--shard-timeout``, ``--shard-retries`` and ``--shard-deadline``: how every stage that
+    reads shards reads remote ones (``access_from_args``); ``on_failure`` says what a shard
+    that stays unreadable becomes in that stage."""
+    group.add_argument("--shard-timeout", type=float, default=DEFAULT_TIMEOUT,
+                       help="seconds one connect or read of a remote shard may take (default: %(default)s)")
+    group.add_argument("--shard-retries", type=int, default=DEFAULT_RETRIES,
+                       help=f"retries (with backoff) of a failed remote read before the shard {on_failure} "
+                       "(default: %(default)s)")
+    group.add_argument("--shard-deadline", type=float, default=None,
+                       help="seconds reading one whole remote shard or manifest may take, retries included; "
+                       f"None: {DEADLINE_PER_TIMEOUT} x --shard-timeout (default: %(default)s)")
+
+
+def access_from_args(args: argparse.Namespace, cache_dir: str | None = None) -> Access:
+    """The ``Access`` of the options ``add_access_args`` adds, each checked: one line naming the
+    option (``SystemExit``) for a value outside its range."""
+    for flag, value, low in (("--shard-timeout", args.shard_timeout, 0.0), ("--shard-deadline", args.shard_deadline, 0.0)):
+        if value is not None and not (math.isfinite(value) and value > low):
+            raise SystemExit(f"{flag} {value}: must be a finite number > 0")
+    if args.shard_retries < 0:
+        raise SystemExit(f"--shard-retries {args.shard_retries}: must be >= 0")
+    return Access(args.shard_timeout, args.shard_retries, cache_dir, deadline=args.shard_deadline)
 
 
 def _add_build(sub) -> None:
@@ -102,21 +128,14 @@ def add_source(parser: argparse.ArgumentParser) -> None:
                         "http(s):// URLs or patterns, pipe:COMMAND, s3:// or gs:// URLs")
     parser.add_argument("--manifest", default=None,
                         help="manifest.json with the shards' sample counts (default: the one beside them)")
-    parser.add_argument("--shard-timeout", type=float, default=DEFAULT_TIMEOUT,
-                        help=f"seconds one connect or read of a remote shard may take (default: {DEFAULT_TIMEOUT:g})")
-    parser.add_argument("--shard-retries", type=int, default=DEFAULT_RETRIES,
-                        help=f"retries of a failed remote read, with backoff (default: {DEFAULT_RETRIES})")
-    parser.add_argument("--shard-deadline", type=float, default=None,
-                        help="seconds reading one whole remote shard or manifest may take, retries included "
-                        f"(default: {DEADLINE_PER_TIMEOUT} x --shard-timeout)")
+    add_access_args(parser, "is an error")
 
 
 def _open_source(args):
     """The source of ``args.shards``; errors name it."""
     from lvvit.data.source import resolve
 
-    return resolve(args.shards, args.manifest,
-                   Access(args.shard_timeout, args.shard_retries, deadline=args.shard_deadline))
+    return resolve(args.shards, args.manifest, access_from_args(args))
 
 
 def _build(args) -> int:

@@ -34,12 +34,9 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lvvit import atomic, jsonload
-from lvvit.data.cli import add_class_order
+from lvvit.data.cli import access_from_args, add_access_args, add_class_order
 from lvvit.data.shards import count_shard_samples
 from lvvit.data.source import (
-    DEFAULT_RETRIES,
-    DEFAULT_TIMEOUT,
-    Access,
     SourceError,
     is_remote,
     resolve,
@@ -177,10 +174,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="output shard folder (local)")
     src = p.add_argument_group("shard source")
     src.add_argument("--manifest", help="manifest.json with the input shards' sample counts (default: beside them)")
-    src.add_argument("--shard-timeout", type=float, default=DEFAULT_TIMEOUT,
-                     help="seconds one connect or read of a remote shard may take")
-    src.add_argument("--shard-retries", type=int, default=DEFAULT_RETRIES,
-                     help="retries (with backoff) of a failed remote read before the shard is an error")
+    add_access_args(src, "is an error")
     t = p.add_argument_group("teacher")
     t.add_argument(
         "--teacher",
@@ -285,7 +279,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
             args.class_order,
         )
     try:
-        return plan_shards(resolve(args.input, args.manifest, Access(args.shard_timeout, args.shard_retries)))
+        return plan_shards(resolve(args.input, args.manifest, access_from_args(args)))
     except (SourceError, FileNotFoundError) as e:
         raise SystemExit(f"--input {args.input}: {e}") from None
 

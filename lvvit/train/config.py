@@ -23,10 +23,8 @@ from typing import Any
 import yaml
 
 from lvvit import jsonload
+from lvvit.data.cli import access_from_args, add_access_args
 from lvvit.data.source import (
-    DEFAULT_RETRIES,
-    DEFAULT_TIMEOUT,
-    Access,
     ShardSource,
     SourceError,
     resolve,
@@ -85,11 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-manifest", default=None, help="manifest.json of the eval shards (default: beside them)")
     g.add_argument("--shard-cache", default=None, metavar="DIR",
                    help="node-local folder caching remote shards: one download per node, later epochs read disk")
-    g.add_argument("--shard-timeout", type=float, default=DEFAULT_TIMEOUT,
-                   help="seconds one connect or read of a remote shard may take")
-    g.add_argument("--shard-retries", type=int, default=DEFAULT_RETRIES,
-                   help="retries (with backoff) of a failed remote read before the shard is skipped "
-                   "(training) or an error (evaluation)")
+    add_access_args(g, "is skipped (training) or an error (evaluation)")
     g.add_argument("--steps-per-epoch", type=int, default=None,
                    help="optimizer steps per epoch (default: manifest.json total / global batch; "
                    "needed when no manifest is reachable)")
@@ -507,7 +501,7 @@ def resolve_ds_config(
 def open_source(option: str, spec: str, manifest: str | None, args: argparse.Namespace) -> ShardSource:
     """The shards of ``--train-shards``/``--eval-shards`` (``option``), resolved once: the one
     manifest resolution (lvvit.data.source) for epoch length, eval split and classes."""
-    access = Access(args.shard_timeout, args.shard_retries, args.shard_cache)
+    access = access_from_args(args, args.shard_cache)
     try:
         return resolve(spec, manifest, access)
     except (SourceError, FileNotFoundError) as e:

@@ -48,7 +48,7 @@ AT_LEAST_1, AT_LEAST_0, POSITIVE = Range(1), Range(0), Range(0, low_open=True)
 PROBABILITY, FRACTION = Range(0, 1), Range(0, 1, high_open=True)
 RANGES: dict[str, Range] = {
     "img_size": AT_LEAST_1, "num_classes": AT_LEAST_1, "drop_path": FRACTION,
-    "shard_timeout": POSITIVE, "shard_retries": AT_LEAST_0, "steps_per_epoch": AT_LEAST_1,
+    "shard_timeout": POSITIVE, "shard_retries": AT_LEAST_0, "shard_deadline": POSITIVE, "steps_per_epoch": AT_LEAST_1,
     "eval_batch": AT_LEAST_1, "workers": AT_LEAST_0,
     "randaug_magnitude": Range(0, 10), "randaug_mstd": AT_LEAST_0, "randaug_ops": AT_LEAST_0,
     "scale": Range(0, 1, low_open=True), "hflip": PROBABILITY, "reprob": PROBABILITY, "smoothing": FRACTION,
