@@ -19,9 +19,12 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# DeepSpeed JIT-builds its CPU shared-memory op on first use: build it inside this venv, so
+# another checkout's venv never rebuilds it under our feet (ranks wait on its lock file).
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	OMP_NUM_THREADS=1 MLFLOW_DISABLE_TELEMETRY=true $(PY) -m pytest -q
+	OMP_NUM_THREADS=1 MLFLOW_DISABLE_TELEMETRY=true TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions \
+		$(PY) -m pytest -q
 
 # The whole product on scikit-learn's digits; DEMO_FLAGS=--fresh redoes every stage.
 demo: $(STAMP)

@@ -25,9 +25,10 @@ import onnxruntime
 import torch
 
 from lvvit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+from lvvit.digest import file_sha256
 from lvvit.models import LVViT
 from lvvit.train.options import AT_LEAST_0, AT_LEAST_1, POSITIVE, PROBABILITY, Range, check_ranges
-from lvvit.train.tracking import Terminated, raise_on_sigterm
+from lvvit.train.preemption import Terminated, raise_on_sigterm
 
 from .errors import ExportError, TensorRTUnavailable
 from .folder import (
@@ -38,7 +39,6 @@ from .folder import (
     PARITY_FILE,
     PLAN_FILE,
     check_writable,
-    file_sha256,
     placeholder_names,
     read_class_names,
     staged_output,
@@ -65,7 +65,7 @@ from .onnx_export import (
     default_opset,
     export_onnx,
     load_onnx,
-    ort_session,
+    parity_session,
 )
 from .parity import as_model_input, check_parity, parity_pixels
 from .tracking import find_run_record, log_export, resolve_tracking_uri
@@ -288,7 +288,7 @@ def export_folder(args: argparse.Namespace, model: LVViT, spec: ModelSpec, names
     _logger.info("exported and checked %s (opset %d, %s, %.1f MB) in %.1fs", onnx_path.name, opset,
                  float_precision, onnx_path.stat().st_size / 1e6, step())
 
-    session = ort_session(onnx_path)
+    session = parity_session(onnx_path)
     sizes = sorted({1, args.parity_batch or args.max_batch})
     inputs = [as_model_input(parity_pixels(b, spec.img_size, seed=args.seed + 1 + i), args.uint8_input)
               for i, b in enumerate(sizes)]
@@ -304,7 +304,7 @@ def export_folder(args: argparse.Namespace, model: LVViT, spec: ModelSpec, names
         parity["int8_accuracy"] = quantize_checked(args, spec, model, onnx_path, session, stage / MODEL_FILE)
         onnx_path.unlink()
         onnx_path = stage / MODEL_FILE
-        session = ort_session(onnx_path)
+        session = parity_session(onnx_path)
 
     info["onnx_sha256"] = file_sha256(onnx_path)
     write_json(stage / INFO_FILE, info)
@@ -337,7 +337,7 @@ def quantize_checked(args: argparse.Namespace, spec: ModelSpec, model: LVViT, fp
                  fp32_path.name, FORMAT, args.calibration_method, sum(len(b) for b in batches),
                  out_path.stat().st_size / 1e6, step())
     report = accuracy_gate(
-        ort_runner(ort_session(out_path)), ort_runner(fp32_session),
+        ort_runner(parity_session(out_path)), ort_runner(fp32_session),
         labelled_batches(held_out, spec.img_size, crop_pct, args.uint8_input, model.num_classes),
         f"{held_out.flag} {held_out.spec}" + (f" after sample {held_out.skip}" if held_out.skip else ""),
         max_top1_drop=args.int8_max_drop / 100, min_agreement=args.int8_min_agreement / 100,

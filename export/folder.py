@@ -3,22 +3,19 @@ into place only once everything in it passed its checks, and verified when read 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from lvvit import jsonload
+from lvvit import atomic, jsonload
 from lvvit.data.source import class_index_problem
+from lvvit.digest import file_sha256
 
 from .errors import ExportError
-from .onnx_export import io_spec, load_onnx, ort_session
+from .onnx_export import io_spec, load_onnx, parity_session
 
 MODEL_FILE = "model.onnx"
 FP32_FILE = "model.fp32.onnx"
@@ -47,20 +44,8 @@ def staged_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
     never a half-written folder under the final name.
     """
     check_writable(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
-    try:
+    with atomic.staged_dir(out) as stage:
         yield stage
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-        os.replace(stage, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
 
 
 def placeholder_names(num_classes: int) -> list[str]:
@@ -104,14 +89,6 @@ def _names_from_json(path: Path, text: str) -> list[str]:
     return [by_index[i] for i in range(len(by_index))]
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify_export_dir(path: Path, run: bool = True) -> dict:
     """Check a folder written by ``lvvit-export`` and return its ``model.json``.
 
@@ -143,7 +120,7 @@ def verify_export_dir(path: Path, run: bool = True) -> dict:
     if len(labels) != classes:
         raise ExportError(f"{path / LABELS_FILE}: {len(labels)} lines for {classes} classes")
     if run:
-        session = ort_session(path / MODEL_FILE)
+        session = parity_session(path / MODEL_FILE)
         x = np.zeros((1, 3, s, s), dtype=np.dtype(info["input_dtype"]))
         logits = session.run(None, {info["input_name"]: x})[0]
         if logits.shape != (1, classes) or not np.isfinite(logits).all():

@@ -14,13 +14,20 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from lvvit import onnxrt
 from lvvit.data.transforms import normalize
+from lvvit.errors import first_line
+from lvvit.onnxrt import SessionError, preferred_providers
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 from .errors import ExportError
 
@@ -150,7 +157,7 @@ def load_onnx(path: Path) -> onnx.ModelProto:
     except Exception as err:  # protobuf reports damage as DecodeError, and others as OSError etc.
         raise ExportError(
             f"{path}: not a readable ONNX model (truncated or corrupted?): "
-            f"{type(err).__name__}: {str(err)[:200]}"
+            f"{first_line(err, 200)}"
         ) from err
     if not proto.graph.node:
         raise ExportError(f"{path}: not a readable ONNX model (no graph; truncated or corrupted?)")
@@ -187,31 +194,17 @@ def check_interface(proto: onnx.ModelProto, path: Path) -> None:
                           f"dynamic batch axis, found {inp['dims']} and {out['dims']}")
 
 
-def default_providers() -> list[str]:
-    """CUDA first when this onnxruntime has it (onnxruntime-gpu), then the CPU."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-
-
-def ort_session(path: Path, providers: list[str] | None = None, threads: int = 0):
-    """An ONNX Runtime session; missing kernels (e.g. bf16 on the CPU) become a clear error."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    providers = providers or default_providers()
+def parity_session(path: Path) -> ort.InferenceSession:
+    """The session export checks run on: CUDA when this onnxruntime has it, else the CPU;
+    a missing kernel (e.g. bf16 on the CPU) becomes a clear error naming the way out."""
+    providers = preferred_providers()
     try:
-        return ort.InferenceSession(str(path), options, providers=providers)
-    except Exception as err:  # onnxruntime raises its own pybind exception types
-        message = str(err).split("\n")[0]
-        if "NOT_IMPLEMENTED" in message:
+        return onnxrt.session(path, providers=providers, log_level=3)
+    except SessionError as err:
+        if "NOT_IMPLEMENTED" in err.reason:
             raise ExportError(
                 f"{path.name}: ONNX Runtime ({', '.join(providers)}) has no kernel for part of this "
-                f"graph ({message.split(':')[-1].strip()}); bf16 graphs need a GPU provider "
+                f"graph ({err.reason.split(':')[-1].strip()}); bf16 graphs need a GPU provider "
                 "(onnxruntime-gpu) to be checked: use --precision fp16 on CPU-only machines"
             ) from err
-        raise ExportError(f"{path}: ONNX Runtime cannot load it: {message[:300]}") from err
+        raise ExportError(str(err)) from err

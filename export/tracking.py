@@ -102,9 +102,9 @@ def loadable_providers() -> list[str]:
     MLflow's ONNX flavour filters the recorded list by what the loading machine has and
     warns about every missing entry; its default (CUDA, CPU) made every CPU-only load warn.
     """
-    from .onnx_export import default_providers
+    from lvvit.onnxrt import preferred_providers
 
-    return default_providers()
+    return preferred_providers()
 
 
 def resolve_tracking_uri(cli_uri: str | None, record: dict | None) -> str | None:

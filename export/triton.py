@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from lvvit import atomic
 
 from .errors import ExportError
 
@@ -101,18 +102,12 @@ def write_model(repo: Path, name: str, config: str, files: dict[str, Path], labe
     target = repo / name
     if target.exists() and not overwrite:
         raise ExportError(f"{target} already exists; pass --overwrite to replace it")
-    repo.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
-    try:
+    with atomic.staged_dir(target) as stage:
         (stage / "config.pbtxt").write_text(config)
         shutil.copyfile(labels, stage / LABELS_FILE)
         (stage / VERSION).mkdir()
         for dest, src in files.items():
             link_or_copy(src, stage / VERSION / dest)
-        replace_dir(stage, target)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return target
 
 
@@ -122,18 +117,6 @@ def link_or_copy(src: Path, dest: Path) -> None:
         os.link(src, dest)
     except OSError:
         shutil.copyfile(src, dest)
-
-
-def replace_dir(stage: Path, target: Path) -> None:
-    """Move ``stage`` to ``target``; an existing ``target`` is removed only after the swap."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    os.replace(stage, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_triton_repo(

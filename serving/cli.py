@@ -22,13 +22,15 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from lvvit.serving.connections import bound_connections
-from lvvit.serving.engine import PROVIDERS, ProviderUnavailable, provider_chain
+from lvvit.serving.engine import serving_providers
 from lvvit.serving.model_dir import ModelDirError, load_model_dir
 from lvvit.serving.rest import RestGuard
 from lvvit.serving.settings import ServeOptions, write_settings
 from mlserver import MLServer
 from mlserver.cli.serve import load_settings
 from mlserver.logging import configure_logger, logger
+
+from lvvit.onnxrt import PROVIDERS, ProviderUnavailable
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     check_workers_supported(opts.workers)
     try:
         model_dir = load_model_dir(args.model_dir)
-        provider_chain(opts.provider)
+        serving_providers(opts.provider)
     except (ModelDirError, ProviderUnavailable) as err:
         raise SystemExit(f"lvvit-serve: {err}") from None
     if model_dir.max_batch is not None and opts.max_batch_size > model_dir.max_batch:

@@ -13,42 +13,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
-PROVIDERS = {
-    "cpu": ["CPUExecutionProvider"],
-    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
-}
-
-
-class ProviderUnavailable(RuntimeError):
-    """The requested execution provider is not in this ONNX Runtime build."""
-
+from lvvit import onnxrt
 
 TRT_CACHE = Path.home() / ".cache" / "lvvit" / "ort-tensorrt"
 
 
-def provider_chain(provider: str, cache_dir: Path = TRT_CACHE, int8: bool = False) -> list:
-    """ORT provider list for ``provider``; raises when its first provider is missing here."""
-    if provider not in PROVIDERS:
-        raise ValueError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
-    chain = PROVIDERS[provider]
-    available = ort.get_available_providers()
-    if chain[0] not in available:
-        hint = {
-            "cuda": "install onnxruntime-gpu on a machine with CUDA",
-            "tensorrt": "install onnxruntime-gpu with TensorRT libraries on a GPU machine",
-        }.get(provider, "")
-        raise ProviderUnavailable(
-            f"--provider {provider} needs {chain[0]}, which this onnxruntime "
-            f"{ort.__version__} does not have (available: {', '.join(available)}); {hint}"
-        )
-    if provider == "tensorrt":
-        trt_options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir),
-                       **({"trt_int8_enable": True} if int8 else {})}
-        return [("TensorrtExecutionProvider", trt_options), *chain[1:]]
-    return list(chain)
+def serving_providers(provider: str, cache_dir: Path = TRT_CACHE, int8: bool = False) -> list:
+    """ORT provider list for ``--provider``: TensorRT caches its engines in ``cache_dir`` and
+    builds INT8 from an int8 export's own scales; raises when the provider is missing here."""
+    trt_options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir),
+                   **({"trt_int8_enable": True} if int8 else {})}
+    return onnxrt.provider_chain(provider, "--provider", trt_options=trt_options)
 
 
 class OnnxEngine:
@@ -56,11 +32,7 @@ class OnnxEngine:
 
     def __init__(self, onnx_path: Path, input_name: str, output_name: str, provider: str = "cpu",
                  threads: int = 0, int8: bool = False) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(
-            str(onnx_path), options, providers=provider_chain(provider, int8=int8)
-        )
+        self.session = onnxrt.session(onnx_path, providers=serving_providers(provider, int8=int8), threads=threads)
         self.input_name = input_name
         self.output_name = output_name
         names = [i.name for i in self.session.get_inputs()]

@@ -3,15 +3,14 @@
 import subprocess
 import sys
 
-import onnxruntime as ort
 import pytest
+
+from lvvit import onnxrt
 
 
 @pytest.fixture(scope="module")
 def reference(model_dir):
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    session = onnxrt.session(model_dir / "model.onnx", threads=1)
     return lambda x: session.run(["logits"], {"images": x})[0]
 
 

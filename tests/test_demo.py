@@ -39,9 +39,15 @@ def test_every_stage_runs_and_the_server_agrees_with_pytorch(finished):
     assert serve["server_top1"] == serve["torch_top1"]
     assert serve["server_exit_code"] == 0
     assert records["export"]["parity"]["onnxruntime"]["passed"] is True
-    int8 = records["export"]["int8"]  # gated on the val shards: figures, or the gate's refusal
-    assert "refused" in int8 or (int8["passed"] and int8["images"] == records["data"]["val"])
-    assert records["export"]["images_per_second"]["fp32"]["1"] > 0
+    int8 = records["export"]["int8"]  # gated on held-out top-1 (drop <= 0.5 points): the demo's graph passes
+    assert "refused" not in int8, int8
+    assert int8 == json.loads((out / "export-int8" / "parity.json").read_text())["int8_accuracy"]
+    assert int8["passed"] is True and int8["images"] == records["data"]["val"]
+    assert int8["top1_drop"] == int8["fp32_top1"] - int8["int8_top1"] <= int8["max_top1_drop"]
+    assert (out / "export-int8" / "model.onnx").is_file()
+    speed = records["export"]["images_per_second"]
+    assert speed["fp32"]["1"] > 0 and speed["int8"]["1"] > 0 and speed["int8"]["32"] > 0
+    assert f"held-out top-1, ONNX fp32 / int8: {int8['fp32_top1']:.4f} / {int8['int8_top1']:.4f}" in run.stdout
     assert "img/s batch  1, 1 thread, fp32 / int8:" in run.stdout
     assert records["label"]["labeled_images"] == records["data"]["train"]
     assert records["label"]["teacher_format"] == "onnx"  # the teacher exported to ONNX, made dense

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 import tritonclient.http as httpclient
 from lvvit.export.triton import write_triton_repo
-from lvvit.serving.process import ServerProcess
 from PIL import Image
 
+from lvvit import onnxrt
+from lvvit.bench.server_process import ServerProcess
 from lvvit.data.transforms import normalize
 from lvvit.models import create_model
 
@@ -202,9 +202,7 @@ def test_served_int8_model_answers_tritonclient_like_onnx_runtime(int8_export, w
     out, _ = int8_export
     images, _ = colour_images(8, seed=3)
     x = normalize(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()).numpy()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(out / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    session = onnxrt.session(out / "model.onnx", threads=1)
     expected = session.run(["logits"], {"images": x})[0]
     server = ServerProcess(out, work["root"] / "serve.log", "--threads", "1", env=ENV)
     try:

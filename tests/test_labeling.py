@@ -434,6 +434,7 @@ def test_label_image_folder_split_over_ranks(tmp_path, teacher_file, monkeypatch
     assert sorted(seen) == sorted(files)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["total"] == 7 and [s["name"] for s in manifest["shards"]] == names
+    assert manifest["class_order"] == "sorted"  # docs/format.md: the order the cls indices follow
 
     # Shards made by lvvit-shards from the same folder get the same labels.
     build_shards(BuildConfig(root=str(root), out=str(tmp_path / "built"), shard_size=3), progress=False)
@@ -447,6 +448,8 @@ def test_label_image_folder_split_over_ranks(tmp_path, teacher_file, monkeypatch
         for s in iter_tar_samples(n)
     }
     assert built_tlm.keys() == folder_tlm.keys()
+    # The labeled copy keeps the input manifest's class_order (one manifest writer for both).
+    assert json.loads((tmp_path / "built_out" / "manifest.json").read_text())["class_order"] == "sorted"
     for key, tlm in built_tlm.items():
         np.testing.assert_array_equal(decode_tlm(tlm).indices, decode_tlm(folder_tlm[key]).indices)
         np.testing.assert_allclose(

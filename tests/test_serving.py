@@ -24,11 +24,11 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from lvvit.serving.process import ServerProcess, console_script, scrape
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from lvvit.bench.serve import TINY_EXPORT_FLAGS, lvvit_export
+from lvvit.bench.server_process import ServerProcess, console_script, scrape
 from lvvit.ports import free_port
 
 pytestmark = pytest.mark.slow

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from lvvit.serving.process import ServerProcess
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from lvvit.bench.serve import TINY_EXPORT_FLAGS, lvvit_export
+from lvvit.bench.server_process import ServerProcess
 from lvvit.data.transforms import EvalTransform, jpeg_top_rows
 
 pytestmark = pytest.mark.slow

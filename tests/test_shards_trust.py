@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from lvvit.data.cli import main
-from lvvit.data.shards import DEFAULT_MAX_PIXELS, iter_shard
+from lvvit.data.members import DEFAULT_MAX_PIXELS
+from lvvit.data.tarsamples import iter_tar_samples
 from lvvit.labeling.sources import plan_image_folder
 
 RED, BLUE = (230, 20, 20), (20, 20, 230)
@@ -37,7 +38,7 @@ def _build(root: Path, out: Path, *extra: str) -> int:
 
 def _samples(out: Path) -> dict[str, dict]:
     manifest = json.loads((out / "manifest.json").read_text())
-    return {s["__key__"]: s for e in manifest["shards"] for s in iter_shard(out / e["name"])}
+    return {s.key: s.as_dict() for e in manifest["shards"] for s in iter_tar_samples(out / e["name"])}
 
 
 def _rgb(sample: dict) -> np.ndarray:

@@ -20,7 +20,7 @@ from lvvit.train.config import (
     resolve_batch,
     resolve_ds_config,
 )
-from lvvit.train.loop import param_groups
+from lvvit.train.engine import param_groups
 from lvvit.train.options import RANGES, numeric_actions
 from lvvit.train.schedule import WarmupCosineSchedule
 

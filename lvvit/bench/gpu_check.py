@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from lvvit import atomic
+from lvvit.errors import first_line
 
 TINY = {"embed_dim": 48, "depth": 2, "num_heads": 2, "stem_width": 16}
 """The dry run's stand-in for every variant."""
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("the GPU check needs CUDA (torch.cuda.is_available() is False); "
                          "use --dry-run for the CPU rehearsal")
-    from lvvit.train.loop import ensure_dist_env
+    from lvvit.train.engine import ensure_dist_env
 
     ensure_dist_env()
     sizes = DRY_SIZES if args.dry_run else GPU_SIZES
@@ -120,8 +121,7 @@ def attempt(measure: Callable[[], str]) -> str:
     try:
         return measure()
     except Exception as err:  # every row is independent: record and go on
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
-        return f"failed: {type(err).__name__}: {reason}"
+        return f"failed: {first_line(err, 200)}"
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -141,27 +141,17 @@ def render(checks: list[Check], device: str, dry_run: bool) -> str:
 
 def _engine(args: argparse.Namespace, sizes: Sizes, spec: tuple[str, int, int], device: str,
             grad_checkpointing: bool):
-    """The model under DeepSpeed with the packaged ``zero2.json`` at this micro batch."""
-    import json
-
-    import deepspeed
-
+    """The model under DeepSpeed as ``train.py`` builds it: the packaged ``zero2.json`` (the dry
+    run: ``cpu.json``, fp32) at this micro batch, torch's AdamW unless ``--fused-adam``."""
     from lvvit.models import create_model
-    from lvvit.train.config import packaged_ds_config
-    from lvvit.train.loop import param_groups
+    from lvvit.train.engine import build_engine, packaged_engine_config
 
     name, size, batch = spec
     model = create_model(name, img_size=size, **sizes.overrides).to(device)
     model.set_grad_checkpointing(grad_checkpointing)
-    config = json.loads(packaged_ds_config("zero2.json").read_text())
-    config["train_micro_batch_size_per_gpu"] = batch
-    if device == "cpu":  # the dry run: fp32, as ds_configs/cpu.json
-        config.pop("bf16")
-        config.pop("data_types")
-    if device == "cpu" or not args.fused_adam:
-        config["optimizer"]["params"]["torch_adam"] = True
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.05), config=config)
-    return engine, model
+    config = packaged_engine_config("cpu.json" if device == "cpu" else "zero2.json", batch,
+                                    torch_adam=device == "cpu" or not args.fused_adam)
+    return build_engine(model, config, 0.05), model
 
 
 def _train_step(engine, model, spec: tuple[str, int, int], device: str, compiled: bool) -> Callable[[], None]:

@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lvvit import onnxrt
 from lvvit.bench.data import cpu_info
 from lvvit.models import create_model
-
-OPT_LEVELS = ("disable", "basic", "extended", "all")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--opsets", default=None,
                         help="comma-separated ONNX opsets to export (default: lvvit-export's, 18); each graph "
                              "is one more ORT side of the same rounds (18,23: 23 writes ONNX's Attention op)")
-    parser.add_argument("--opt-level", choices=OPT_LEVELS, default="all",
+    parser.add_argument("--opt-level", choices=list(onnxrt.OPT_LEVELS), default="all",
                         help="ORT graph optimisation level of the main comparison")
     parser.add_argument("--no-int8", dest="int8", action="store_false",
                         help="skip the int8 graph (static QDQ quantization, as lvvit-export --precision int8)")
@@ -64,21 +63,6 @@ def compare(sides: dict[str, Callable[[], object]], batch: int, rounds: int, min
     return {name: statistics.median(values) for name, values in runs.items()}
 
 
-def ort_session(path: Path, opt_level: str, threads: int, providers: list[str]):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[opt_level]
-    options.intra_op_num_threads = threads
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(str(path), options, providers=providers)
-
-
 def print_table(title: str, rows: list[tuple[int, dict[str, float]]]) -> None:
     names = list(rows[0][1])
     print(f"\n{title}")
@@ -92,7 +76,7 @@ def cpu_benchmark(args, model: torch.nn.Module, onnx_paths: dict[int | str, Path
     the int8 graph under the key "int8"), all in the same rounds."""
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    sessions = {key: ort_session(path, args.opt_level, threads, ["CPUExecutionProvider"])
+    sessions = {key: onnxrt.session(path, threads=threads, opt_level=args.opt_level)
                 for key, path in onnx_paths.items()}
     names = {key: f"ort opset {key} ({args.opt_level})" if key != "int8" else "ort int8 qdq"
              for key in sessions}
@@ -119,7 +103,7 @@ def cpu_benchmark(args, model: torch.nn.Module, onnx_paths: dict[int | str, Path
     if args.sweep:
         opset, path = next(iter(onnx_paths.items()))  # the first fp32 graph
         x_np = np.random.default_rng(0).standard_normal((1, 3, args.img_size, args.img_size), np.float32)
-        levels = {level: ort_session(path, level, threads, ["CPUExecutionProvider"]) for level in OPT_LEVELS}
+        levels = {level: onnxrt.session(path, threads=threads, opt_level=level) for level in onnxrt.OPT_LEVELS}
         sweep = compare({f"ort {level}": (lambda s=s: s.run(None, {"images": x_np}))
                          for level, s in levels.items()}, 1, args.rounds, args.min_seconds)
         print_table(f"ORT graph optimisation levels, batch 1, opset {opset}", [(1, sweep)])
@@ -128,8 +112,6 @@ def cpu_benchmark(args, model: torch.nn.Module, onnx_paths: dict[int | str, Path
 
 def gpu_benchmark(args, model: torch.nn.Module, batches: list[int], workdir: Path) -> list[str]:
     """ORT CUDA and TensorRT, both on an fp16 graph, against PyTorch bf16 eager."""
-    import onnxruntime as ort
-
     from lvvit.export.onnx_export import export_onnx
     from lvvit.export.tensorrt import EngineRunner, build_engine
 
@@ -138,8 +120,8 @@ def gpu_benchmark(args, model: torch.nn.Module, batches: list[int], workdir: Pat
     bf16_model = create_model(args.model, img_size=args.img_size).eval()
     bf16_model.load_state_dict(model.state_dict())
     bf16_model = bf16_model.to("cuda", torch.bfloat16)
-    sides_available = "CUDAExecutionProvider" in ort.get_available_providers()
-    session = ort_session(fp16_path, "all", 0, ["CUDAExecutionProvider"]) if sides_available else None
+    sides_available = onnxrt.CUDA in onnxrt.preferred_providers()
+    session = onnxrt.session(fp16_path, providers=[onnxrt.CUDA]) if sides_available else None
     engine = EngineRunner(build_engine(fp16_path, args.img_size, max(batches), "fp16"))
     rows, ratios = [], []
     for batch in batches:

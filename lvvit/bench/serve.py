@@ -27,7 +27,8 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from lvvit.serving.process import ServerProcess, console_script, scrape
+from lvvit import onnxrt
+from lvvit.bench.server_process import ServerProcess, console_script, scrape
 
 TINY_EXPORT_FLAGS = ("--model", "lvvit_t", "--img-size", "64", "--num-classes", "10",
                      "--embed-dim", "48", "--depth", "2", "--num-heads", "2", "--stem-width", "16")
@@ -69,9 +70,7 @@ class Offline:
     """ORT in this process on one max-size batch: the baseline."""
 
     def __init__(self, onnx_path: Path, x: np.ndarray, threads: int) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.session = onnxrt.session(onnx_path, threads=threads)
         self.x = x
         self.session.run(["logits"], {"images": x})  # warm-up
 

@@ -25,7 +25,7 @@ import torch
 from lvvit.loss import TokenLabelingLoss
 from lvvit.models import create_model
 from lvvit.train.ema import ModelEma
-from lvvit.train.loop import ensure_dist_env, param_groups
+from lvvit.train.engine import build_engine, ensure_dist_env, packaged_engine_config, param_groups
 from lvvit.train.step import Objective, PlainEngine, train_step
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -95,21 +95,6 @@ def step_times(step: Callable[[], None], n: int, sync: Callable[[], None]) -> li
     return times
 
 
-def _ds_config(batch: int, bf16: bool) -> dict:
-    cfg = {
-        "train_micro_batch_size_per_gpu": batch,
-        "gradient_accumulation_steps": 1,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.05, "torch_adam": True}},
-        "zero_optimization": {"stage": 2},
-        "steps_per_print": 10**9,
-    }
-    if bf16:
-        cfg["bf16"] = {"enabled": True}
-        cfg["data_types"] = {"buffer_dtype": "bf16"}  # see docs/training.md (BatchNorm)
-        del cfg["optimizer"]["params"]["torch_adam"]  # fused CUDA Adam on GPU
-    return cfg
-
-
 def _overrides(items: list[str]) -> dict:
     from lvvit.train.config import parse_model_args
 
@@ -117,8 +102,6 @@ def _overrides(items: list[str]) -> dict:
 
 
 def run_cpu(args: argparse.Namespace) -> float:
-    import deepspeed
-
     torch.manual_seed(0)
     kwargs = {"img_size": args.img_size, "num_classes": 100, **_overrides(args.model_arg)}
     plain = create_model(args.model, **kwargs)
@@ -126,11 +109,9 @@ def run_cpu(args: argparse.Namespace) -> float:
     ds_model.load_state_dict(plain.state_dict())
     batch = synthetic_batch(args.batch, args.img_size, 100)
     plain_engine = PlainEngine(plain, torch.optim.AdamW(param_groups(plain, 0.05), lr=1e-4))
-    engine, *_ = deepspeed.initialize(model=ds_model, model_parameters=param_groups(ds_model, 0.05),
-                                      config=_ds_config(args.batch, bf16=False))
+    engine = build_engine(ds_model, packaged_engine_config("cpu.json", args.batch), 0.05, compile=args.compile)
     if args.compile:
         plain.compile()
-        engine.compile()
     sides = {
         "pytorch": timed_step(plain_engine, bench_objective(plain, args.compile, "cpu", torch.float32), batch,
                                ModelEma(plain, 0.99992)),
@@ -178,9 +159,7 @@ def forward_flops(model: torch.nn.Module, images: torch.Tensor) -> int:
 
 
 def run_gpu(args: argparse.Namespace) -> None:
-    """Images/s and MFU per model; the code path exists but was not run on the CPU-only dev box."""
-    import deepspeed
-
+    """Images/s and MFU per model under the packaged ``zero2.json`` (what ``train.py`` runs on a GPU)."""
     if not torch.cuda.is_available():
         raise SystemExit("--gpu needs CUDA (torch.cuda.is_available() is False)")
     try:
@@ -197,10 +176,7 @@ def run_gpu(args: argparse.Namespace) -> None:
         images = torch.randn(1, 3, size, size, device="cuda")
         flops = forward_flops(model.eval(), images) * (4 if args.grad_checkpointing else 3)
         model.train()
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.05),
-                                          config=_ds_config(batch_size, bf16=True))
-        if args.compile:
-            engine.compile()
+        engine = build_engine(model, packaged_engine_config("zero2.json", batch_size), 0.05, compile=args.compile)
         step = timed_step(engine, bench_objective(model, args.compile, "cuda", torch.bfloat16), batch,
                            ModelEma(engine.module, 0.99992))
         step_times(step, args.warmup, torch.cuda.synchronize)

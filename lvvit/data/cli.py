@@ -9,7 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from lvvit.data.shards import CLASS_ORDERS, DEFAULT_MAX_PIXELS
+from lvvit.data.imagefolder import CLASS_ORDERS
+from lvvit.data.members import DEFAULT_MAX_PIXELS
 from lvvit.data.source import DEFAULT_RETRIES, DEFAULT_TIMEOUT, Access
 from lvvit.data.streams import DEADLINE_PER_TIMEOUT
 
@@ -196,7 +197,7 @@ def _print_build_report(summary: dict, args) -> None:
 def _preview(args) -> int:
     from lvvit.data.labelmap import LabelMapError
     from lvvit.data.preview import render_preview
-    from lvvit.data.shards import ShardReadError
+    from lvvit.data.tarsamples import ShardReadError
 
     try:
         width, height = render_preview(_open_source(args), args.out, n=args.n, crop=args.crop, tile=args.tile,
@@ -210,7 +211,7 @@ def _preview(args) -> int:
 
 def _info(args) -> int:
     from lvvit.data.labelmap import LabelMapError
-    from lvvit.data.shards import ShardReadError
+    from lvvit.data.tarsamples import ShardReadError
 
     try:
         source = _open_source(args)
@@ -236,20 +237,14 @@ def _info(args) -> int:
 def _verify_all(source) -> tuple[list[int], list[str]]:
     """Sample counts of the readable shards (each read to its end-of-archive block), and why
     each other one is damaged: missing, truncated, unreachable, or not the manifest's count."""
-    from lvvit.data.shards import ShardReadError, verify_shard
     from lvvit.data.source import is_remote
-    from lvvit.data.tarsamples import iter_tar_samples
+    from lvvit.data.tarsamples import ShardReadError, verify_shard
 
     counts, damaged = [], []
     for url, expected in zip(source.urls, source.counts or [None] * len(source.urls), strict=True):
         try:
-            if not is_remote(url):
-                counts.append(verify_shard(Path(url), expected))  # headers only: fast on local disk
-                continue
-            count = sum(1 for _ in iter_tar_samples(url, source.open))
-            if expected is not None and count != expected:
-                raise ShardReadError(f"shard {url} holds {count} samples, {source.manifest} says {expected}")
-            counts.append(count)
+            counts.append(verify_shard(url, expected, source.open if is_remote(url) else None,
+                                       source.manifest or "manifest.json"))
         except ShardReadError as exc:
             damaged.append(str(exc))
     return counts, damaged

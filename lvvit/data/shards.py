@@ -4,10 +4,9 @@ A sample is ``<key>.jpg`` (the original bytes unless re-encoded), ``<key>.cls`` 
 with ``label_root``, ``<key>.tlm`` (docs/format.md). The order is a seeded shuffle, so
 every shard holds a mix of classes. Samples that cannot be used are reported and left
 out; the run goes on, but a build that keeps no sample at all fails without writing a
-manifest. Input files are untrusted: every image is decoded here, converted to 8-bit RGB
-by explicit rules (16-bit scaled, alpha composited on white) or refused by mode, and
-downscaled above a pixel cap, so training never meets a surprise. Each shard is written
-under a temporary name and renamed once complete, and ``<prefix>-summary.json``
+manifest. Input files are untrusted: every image is decoded and checked
+(``lvvit.data.images``), so training never meets a surprise. Each shard is written
+under a temporary name and renamed once complete (``lvvit.atomic``), and ``<prefix>-summary.json``
 records, after every shard, how far the input has been consumed, so an interrupted
 build resumes where it stopped and never leaves a tar that looks complete but is not.
 """
@@ -19,32 +18,24 @@ import io
 import json
 import multiprocessing
 import os
-import re
 import tarfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from lvvit import atomic
+from lvvit.data.imagefolder import ShardBuildError, SourceImage, classes_json, scan_image_folder
+from lvvit.data.images import UnsupportedImage, encode_image
 from lvvit.data.labelmap import LabelMap, LabelMapError, centre_square_box, encode_tlm
-from lvvit.data.members import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, oversized
+from lvvit.data.members import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
 
-JPEG_QUALITY = 95
-ALPHA_BACKGROUND = (255, 255, 255)
-"""Transparent pixels are composited on white: the colour hidden under alpha 0 is arbitrary."""
-CLASS_ORDERS = ("sorted", "natural")
 NO_MAP = "no label map at"
 _TAR_BLOCK = 512
-
-
-class ShardBuildError(RuntimeError):
-    """A build that cannot start or go on (not a bad sample: those are reported)."""
 
 
 class EmptyBuildError(ShardBuildError):
@@ -53,22 +44,6 @@ class EmptyBuildError(ShardBuildError):
     def __init__(self, message: str, summary: dict):
         super().__init__(message)
         self.summary = summary  # the build report, with every input's reason
-
-
-class ShardReadError(RuntimeError):
-    """A shard that cannot be read to its end (damaged or truncated); the message names the file."""
-
-
-class UnsupportedImage(ValueError):
-    """An image whose pixel mode has no defined conversion to 8-bit RGB."""
-
-
-@dataclass(frozen=True)
-class SourceImage:
-    key: str  # "<class dir>/<file stem>", dots replaced: WebDataset splits keys at the first dot
-    path: str
-    label: int
-    label_path: str | None = None
 
 
 @dataclass
@@ -108,77 +83,6 @@ class Prepared:
     downscaled: bool = False
 
 
-@dataclass
-class FolderScan:
-    """What an ImageFolder tree holds: class folders in index order, images, problems."""
-
-    classes: list[str]
-    items: list[SourceImage]
-    duplicates: list[dict]  # key + reason, for the build report
-    empty_classes: list[str]  # class folders with no image: their index gets no samples
-
-
-def sample_key(class_dir: str, stem: str) -> str:
-    return f"{class_dir.replace('.', '_')}/{stem.replace('.', '_')}"
-
-
-def natural_key(name: str) -> list:
-    """timm's ``natural_key``: digit runs compare as numbers, letters case-insensitively."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name.lower())]
-
-
-def order_classes(names: Iterable[str], order: str = "sorted") -> list[str]:
-    """Class folder names in index order. ``sorted`` is torchvision's ImageFolder order
-    (``1, 10, 2``); ``natural`` is timm's and the official TokenLabeling loader's
-    (``1, 2, 10``). ImageNet's wnids (``n01440764``) get the same order from both."""
-    if order == "sorted":
-        return sorted(names)
-    if order == "natural":
-        return sorted(names, key=lambda name: (natural_key(name), name))
-    raise ShardBuildError(f"class order {order!r} is not one of {', '.join(CLASS_ORDERS)}")
-
-
-def official_map_name(image: Path) -> str:
-    """The official TokenLabeling map of ``a_red_000.v2.jpg`` is ``a_red_000.pt``: its
-    loader names maps by the part of the file name before the first dot."""
-    return f"{image.name.split('.')[0]}.pt"
-
-
-def scan_image_folder(root: str | Path, label_root: str | Path | None = None, class_order: str = "sorted") -> FolderScan:
-    """``root/<class>/<image>``, classes indexed in ``class_order`` (see ``order_classes``)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ShardBuildError(f"image folder {root} does not exist")
-    classes = order_classes((p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), class_order)
-    if not classes:
-        raise ShardBuildError(f"{root} has no class folders (expected root/<class>/<image>)")
-    scan = FolderScan(classes, [], [], [])
-    seen = {}
-    for label, class_dir in enumerate(classes):
-        images = [p for p in sorted((root / class_dir).rglob("*")) if p.is_file() and p.suffix.lower()[1:] in IMAGE_EXTENSIONS]
-        if not images:
-            scan.empty_classes.append(class_dir)
-        for path in images:
-            key = sample_key(class_dir, path.stem)
-            if key in seen:
-                scan.duplicates.append({"key": key, "reason": f"duplicate key: {path} and {seen[key]}"})
-                continue
-            seen[key] = path
-            label_path = str(Path(label_root) / class_dir / official_map_name(path)) if label_root else None
-            scan.items.append(SourceImage(key, str(path), label, label_path))
-    return scan
-
-
-def read_class_names(path: str | Path) -> dict[str, str]:
-    """``wnid name, more names`` per line, as ImageNet's ``LOC_synset_mapping.txt``."""
-    names = {}
-    for line in Path(path).read_text().splitlines():
-        wnid, _, name = line.strip().partition(" ")
-        if wnid:
-            names[wnid] = name.strip() or wnid
-    return names
-
-
 def import_official_map(tensor, width: int, height: int, source: str) -> LabelMap:
     """An official TokenLabeling map (``[2, k, H, W]``: logits, then class indices as
     fp16) as a ``LabelMap`` over the centre square the teacher saw of a
@@ -193,77 +97,6 @@ def import_official_map(tensor, width: int, height: int, source: str) -> LabelMa
         raise LabelMapError(f"{source}: class indices are not whole numbers")
     return LabelMap(values, indices.astype(np.uint16), centre_square_box(width, height))
 
-
-@dataclass(frozen=True)
-class EncodedImage:
-    data: bytes  # JPEG bytes for the shard
-    size: tuple[int, int]  # the original width, height (label-map boxes are relative to it)
-    reencoded: bool
-    downscaled: bool
-
-
-def _jpeg_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
-    return buffer.getvalue()
-
-
-def _sixteen_bit_to_rgb(image: Image.Image, source: str) -> Image.Image:
-    """I;16* (and I, which PIL uses for some 16-bit files) hold 0..65535: scale by the
-    value range (x / 257), not PIL's convert, which clips everything above 255 to white."""
-    pixels = np.asarray(image).astype(np.int64)
-    if pixels.size and (pixels.min() < 0 or pixels.max() > 0xFFFF):
-        raise UnsupportedImage(f"{source}: image mode {image.mode} with values outside 0..65535 is not supported")
-    return Image.fromarray(np.round(pixels / 257).astype(np.uint8), "L").convert("RGB")
-
-
-def _composite(image: Image.Image) -> Image.Image:
-    rgba = image.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
-    return Image.alpha_composite(background, rgba).convert("RGB")
-
-
-def to_rgb(image: Image.Image, source: str) -> Image.Image:
-    """8-bit RGB by explicit rules per mode; modes without a defined meaning (float,
-    LAB, HSV, ...) raise ``UnsupportedImage`` naming ``source`` and the mode."""
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode in ("L", "1", "CMYK", "YCbCr") or (mode == "P" and "transparency" not in image.info):
-        return image.convert("RGB")  # CMYK: PIL undoes Adobe's inverted CMYK when reading
-    if mode in ("LA", "La", "PA", "P", "RGBA", "RGBa"):
-        return _composite(image)
-    if mode == "I" or mode.startswith("I;16"):
-        return _sixteen_bit_to_rgb(image, source)
-    raise UnsupportedImage(f"{source}: image mode {mode} is not supported (no defined conversion to 8-bit RGB)")
-
-
-def _target_size(size: tuple[int, int], max_size: int | None, max_pixels: int) -> tuple[int, int] | None:
-    """The size to scale down to (aspect kept) or None when the image is within both limits."""
-    width, height = size
-    scale = min(1.0, (max_pixels / (width * height)) ** 0.5)
-    if max_size is not None:
-        scale = min(scale, max_size / max(width, height))
-    if scale >= 1.0:
-        return None
-    return max(1, int(width * scale)), max(1, int(height * scale))
-
-
-def encode_image(data: bytes, source: str, max_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> EncodedImage:
-    """Decode fully (so corrupt files are caught here, not in training); keep the bytes
-    of an RGB/grey JPEG within the limits, else convert to RGB, downscale and re-encode."""
-    with Image.open(io.BytesIO(data)) as image:
-        size = image.size
-        target = _target_size(size, max_size, max_pixels)
-        if target is not None and image.format == "JPEG":
-            image.draft(None, target)  # decode at 1/2, 1/4 or 1/8 scale when that is still large enough
-        image.load()
-        if target is None and image.format == "JPEG" and image.mode in ("RGB", "L"):
-            return EncodedImage(data, size, reencoded=False, downscaled=False)
-        rgb = to_rgb(image, source)
-        if target is not None:
-            rgb = rgb.resize(target, Image.Resampling.LANCZOS)
-        return EncodedImage(_jpeg_bytes(rgb), size, reencoded=True, downscaled=target is not None)
 
 
 def prepare_sample(item: SourceImage, max_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Prepared:
@@ -319,7 +152,7 @@ class _ShardFile:
 
     def close(self) -> None:
         self.tar.close()
-        os.replace(self.tmp, self.path)
+        atomic.commit(self.tmp, self.path)
 
     def discard(self) -> None:
         self.tar.close()
@@ -435,10 +268,15 @@ def _check_out_dir(out: Path, prefix: str, summary_path: Path, fingerprint: str,
     return {}
 
 
-def classes_json(classes: list[str], class_names: str | Path | None) -> list[dict]:
-    """``classes.json``: index, readable name (from ``class_names`` when given) and folder name."""
-    names = read_class_names(class_names) if class_names else {}
-    return [{"index": i, "name": names.get(c, c), "wnid": c} for i, c in enumerate(classes)]
+def write_manifest(out: Path, shards: list[tuple[str, int]], class_order: str | None) -> None:
+    """``out/manifest.json`` (docs/format.md): each shard's name and sample count in order,
+    the total and, when known, the ``class_order`` the ``cls`` indices follow. Written
+    last, by the build and by the labeler, so a folder with one is finished."""
+    manifest: dict = {"shards": [{"name": name, "samples": samples} for name, samples in shards],
+                      "total": sum(samples for _, samples in shards)}
+    if class_order is not None:
+        manifest["class_order"] = class_order
+    atomic.write_json(out / "manifest.json", manifest)
 
 
 def build_shards(config: BuildConfig, progress: bool = True) -> dict:
@@ -486,12 +324,7 @@ def build_shards(config: BuildConfig, progress: bool = True) -> dict:
             state.state,
         )
     atomic.write_json(out / "classes.json", classes_json(scan.classes, config.class_names))
-    manifest = {
-        "shards": [{"name": s["name"], "samples": s["samples"]} for s in state.state["shards"]],
-        "total": state.state["total"],
-        "class_order": config.class_order,
-    }
-    atomic.write_json(out / "manifest.json", manifest)
+    write_manifest(out, [(s["name"], s["samples"]) for s in state.state["shards"]], config.class_order)
     state.state["complete"] = True
     state.state["resumed_shards"] = resumed_shards
     state.save()
@@ -544,71 +377,3 @@ def _write_shards(config: BuildConfig, items: list[SourceImage], state: _Progres
         raise
     finally:
         bar.close()
-
-
-def check_tar_end(path: str | Path, offset: int) -> None:
-    """A tar cut at a member boundary reads as a shorter valid archive; only the missing
-    end-of-archive block (zeros) after the last member tells, so look for it."""
-    with open(path, "rb") as f:
-        f.seek(offset)
-        if f.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
-            raise tarfile.ReadError(f"no end-of-archive block at byte {offset}: the file is truncated")
-
-
-def iter_shard(path: str | Path) -> Iterator[dict]:
-    """Samples of one shard as WebDataset-style dicts (``__key__`` plus one bytes value
-    per extension), in file order; a damaged or truncated tar raises ``ShardReadError``."""
-    try:
-        yield from _iter_shard(path)
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise ShardReadError(f"cannot read shard {path}: {type(exc).__name__}: {exc}") from exc
-
-
-def _iter_shard(path: str | Path) -> Iterator[dict]:
-    from webdataset.tariterators import base_plus_ext
-
-    sample: dict | None = None
-    with tarfile.open(path, "r:") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            key, ext = base_plus_ext(info.name)
-            refused = oversized(info.name, ext, info.size)
-            if refused is not None:
-                raise ShardReadError(f"cannot read shard {path}: {refused}")
-            if sample is not None and sample["__key__"] != key:
-                yield sample
-                sample = None
-            if sample is None:
-                sample = {"__key__": key}
-            sample[ext] = tar.extractfile(info).read()
-        end = tar.offset
-    check_tar_end(path, end)
-    if sample is not None:
-        yield sample
-
-
-def count_shard_samples(path: str | Path) -> int:
-    """Samples in a tar, walking every header to the end-of-archive block (data is skipped,
-    so this is fast); a truncated or damaged tar raises ``ShardReadError``."""
-    from webdataset.tariterators import base_plus_ext
-
-    try:
-        with tarfile.open(path, "r:") as tar:
-            keys = {base_plus_ext(m.name)[0] for m in tar if m.isfile()} - {None}
-            end = tar.offset
-        check_tar_end(path, end)
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise ShardReadError(f"cannot read shard {path}: {type(exc).__name__}: {exc}") from exc
-    return len(keys)
-
-
-def verify_shard(path: Path, expected: int | None = None) -> int:
-    """The sample count of a shard read to its end; raises ``ShardReadError`` naming the
-    file when it is missing, truncated, damaged or holds other than ``expected`` samples."""
-    if not path.is_file():
-        raise ShardReadError(f"shard {path} does not exist")
-    count = count_shard_samples(path)
-    if expected is not None and count != expected:
-        raise ShardReadError(f"shard {path} holds {count} samples, manifest.json says {expected}")
-    return count

@@ -34,11 +34,12 @@ import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from braceexpand import braceexpand
 
 from lvvit import jsonload
+from lvvit.data.imagefolder import CLASS_ORDERS
 from lvvit.data.streams import (
     DEFAULT_ACCESS,
     Access,
@@ -78,6 +79,7 @@ class ShardSource:
     manifest: str | None  # where the counts came from
     classes_json: bytes | None  # classes.json as found beside the shards (checked JSON)
     access: Access = DEFAULT_ACCESS
+    class_order: str | None = None  # the manifest's class_order (docs/format.md), when it has one
 
     @property
     def total(self) -> int | None:
@@ -119,14 +121,14 @@ def resolve(spec: str | Path, manifest: str | Path | None = None, access: Access
     remote, unreachable) leaves the counts unknown: training then needs ``--steps-per-epoch``.
     """
     typed = str(spec)
-    urls, beside, entries = _shards_of(_located(typed), access)
+    urls, beside, parsed = _shards_of(_located(typed), access)
     listing = beside
     if manifest is not None:
         listing = _located(str(manifest))
-        entries = _manifest_entries(listing, access, required=True)
-    elif entries is None and beside is not None:
-        entries = _manifest_entries(beside, access, required=False)
-    counts = None if entries is None else _subset_counts(urls, entries, listing, typed)
+        parsed = _manifest_entries(listing, access, required=True)
+    elif parsed is None and beside is not None:
+        parsed = _manifest_entries(beside, access, required=False)
+    counts = None if parsed is None else _subset_counts(urls, parsed.entries, listing, typed)
     if not is_remote(typed):
         missing = [url for url in urls if not Path(url).is_file()]
         if missing:
@@ -135,7 +137,8 @@ def resolve(spec: str | Path, manifest: str | Path | None = None, access: Access
             _check_counts_fit(urls, counts, listing)
     classes_at = sibling(listing if listing is not None else urls[0], CLASSES)
     classes = _read_classes(classes_at, access) if classes_at is not None else None
-    return ShardSource(typed, tuple(urls), counts, listing if counts is not None else None, classes, access)
+    return ShardSource(typed, tuple(urls), counts, listing if counts is not None else None, classes, access,
+                       None if parsed is None else parsed.class_order)
 
 
 def _located(spec: str) -> str:
@@ -171,17 +174,17 @@ def _folder_manifest(spec: str) -> str | None:
     return str(Path(spec) / MANIFEST) if Path(spec).is_dir() else None
 
 
-def _shards_of(spec: str, access: Access) -> tuple[list[str], str | None, dict[str, int] | None]:
-    """Shard URLs of ``spec``, the manifest beside them (``None``: none to look for) and its
-    entries when they were read already (a folder spec)."""
+def _shards_of(spec: str, access: Access) -> tuple[list[str], str | None, Manifest | None]:
+    """Shard URLs of ``spec``, the manifest beside them (``None``: none to look for) and the
+    manifest when it was read already (a folder spec)."""
     folder = _folder_manifest(spec)
     if folder is not None and not is_remote(spec) and not Path(folder).is_file() and Path(spec).is_dir():
         return _local_folder_without_manifest(Path(spec)), None, None
     if folder is not None:
-        entries = _manifest_entries(folder, access, required=True)
-        if not entries:
+        parsed = _manifest_entries(folder, access, required=True)
+        if not parsed.entries:
             raise SourceError(f"{folder} lists no shards")
-        return [sibling(folder, name) for name in entries], folder, entries
+        return [sibling(folder, name) for name in parsed.entries], folder, parsed
     urls = list(braceexpand(spec))
     folders = {sibling(url, MANIFEST) for url in urls}
     return urls, folders.pop() if len(folders) == 1 else None, None
@@ -194,7 +197,12 @@ def _local_folder_without_manifest(folder: Path) -> list[str]:
     return [str(path) for path in tars]
 
 
-def _manifest_entries(url: str, access: Access, required: bool) -> dict[str, int] | None:
+class Manifest(NamedTuple):
+    entries: dict[str, int]  # shard name -> samples, in manifest order
+    class_order: str | None
+
+
+def _manifest_entries(url: str, access: Access, required: bool) -> Manifest | None:
     data = _read_json_bytes(url, access, required)
     return None if data is None else _parse_manifest(data, url)
 
@@ -207,8 +215,8 @@ def _subset_counts(urls: list[str], entries: dict[str, int], listing: str, spec:
     return tuple(entries[shard_name(url)] for url in urls)
 
 
-def _parse_manifest(data: bytes, where: str) -> dict[str, int]:
-    """Shard name -> samples, in manifest order, every field checked."""
+def _parse_manifest(data: bytes, where: str) -> Manifest:
+    """Shard name -> samples, in manifest order, and the class order, every field checked."""
     try:
         manifest = jsonload.loads(data)
     except ValueError as e:
@@ -230,7 +238,10 @@ def _parse_manifest(data: bytes, where: str) -> dict[str, int]:
         if name in entries:
             raise SourceError(f"{where}: shard {name} is listed twice")
         entries[name] = samples
-    return entries
+    order = manifest.get("class_order")
+    if order is not None and order not in CLASS_ORDERS:
+        raise SourceError(f"{where}: class_order {order!r} is not one of {', '.join(CLASS_ORDERS)}")
+    return Manifest(entries, order)
 
 
 def _read_classes(url: str, access: Access) -> bytes | None:

@@ -23,9 +23,12 @@ from typing import BinaryIO
 from webdataset.tariterators import base_plus_ext
 
 from lvvit.data.members import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, oversized
-from lvvit.data.shards import ShardReadError
 
 log = logging.getLogger(__name__)
+
+
+class ShardReadError(RuntimeError):
+    """A shard that cannot be read to its end (damaged or truncated); the message names the file."""
 
 
 @dataclass
@@ -80,6 +83,10 @@ class _BoundedReader:
         return data
 
 
+def _open_shard(shard: str | Path, opener: Callable[[str], BinaryIO] | None) -> BinaryIO:
+    return open(shard, "rb") if opener is None else opener(str(shard))
+
+
 def iter_tar_samples(
     shard: str | Path, opener: Callable[[str], BinaryIO] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> Iterator[TarSample]:
@@ -88,17 +95,47 @@ def iter_tar_samples(
     or a member larger than its kind allows (``lvvit.data.members``, images by
     ``max_pixels``), raises ``ShardReadError`` naming the shard (and the member)."""
     try:
-        stream = open(shard, "rb") if opener is None else opener(str(shard))  # noqa: SIM115 (closed below)
-        with stream:
+        with _open_shard(shard, opener) as stream:
             yield from read_tar_samples(stream, str(shard), max_pixels)
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ShardReadError(f"cannot read shard {shard}: {type(e).__name__}: {e}") from e
 
 
-def _members(tar: tarfile.TarFile, reader: _BoundedReader, name: str, max_pixels: int) -> Iterator[tarfile.TarInfo]:
+def count_tar_samples(
+    shard: str | Path, opener: Callable[[str], BinaryIO] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> int:
+    """The samples ``iter_tar_samples`` would give, counted from the member headers to the
+    end-of-archive block without holding any member's data; errors as ``iter_tar_samples``."""
+    count, last = 0, None
+    try:
+        with _open_shard(shard, opener) as stream:
+            for key, _, _ in _keyed_members(stream, str(shard), max_pixels, read=False):
+                count, last = count + (key != last), key
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ShardReadError(f"cannot read shard {shard}: {type(e).__name__}: {e}") from e
+    return count
+
+
+def verify_shard(
+    shard: str | Path, expected: int | None, opener: Callable[[str], BinaryIO] | None = None, listed_in: str = "manifest.json"
+) -> int:
+    """The sample count of ``shard`` read to its end; raises ``ShardReadError`` naming the
+    shard when it is missing, truncated, damaged or holds other than the ``expected``
+    samples that ``listed_in`` (the manifest) gives."""
+    if opener is None and not Path(shard).is_file():
+        raise ShardReadError(f"shard {shard} does not exist")
+    count = count_tar_samples(shard, opener)
+    if expected is not None and count != expected:
+        raise ShardReadError(f"shard {shard} holds {count} samples, {listed_in} says {expected}")
+    return count
+
+
+def _members(
+    tar: tarfile.TarFile, reader: _BoundedReader, name: str, max_pixels: int, read: bool
+) -> Iterator[tarfile.TarInfo]:
     """The file members of ``tar``, each checked against its kind's size before any of its
-    data is read (the reader then allows exactly that much; tarfile skips, in chunks, the
-    data of members that are not files)."""
+    data is read (the reader then allows exactly that much when ``read``; tarfile skips, in
+    chunks, the data of members that are not files or not read)."""
     skip = 0
     while True:
         reader.allow(skip + HEADER_BYTES, "a tar header")
@@ -108,10 +145,29 @@ def _members(tar: tarfile.TarFile, reader: _BoundedReader, name: str, max_pixels
         refused = oversized(info.name, base_plus_ext(info.name)[1], info.size, max_pixels)
         if refused is not None:  # a damaged tar, as the readers' callers treat one
             raise tarfile.ReadError(refused)
-        skip = 0 if info.isfile() else info.size
+        skip = 0 if info.isfile() and read else info.size
         if info.isfile():
-            reader.allow(info.size, f"member {info.name}")
+            if read:
+                reader.allow(info.size, f"member {info.name}")
             yield info
+
+
+def _keyed_members(
+    stream: BinaryIO, name: str, max_pixels: int, read: bool
+) -> Iterator[tuple[str, tarfile.TarInfo, bytes | None]]:
+    """Sample key, header and (when ``read``) data of each file member of the tar ``stream``,
+    in file order, then the check that the tar ends with its end-of-archive block."""
+    reader = _BoundedReader(stream)
+    with tarfile.open(fileobj=reader, mode="r|") as tar:
+        for info in _members(tar, reader, name, max_pixels, read):
+            key, _ = base_plus_ext(info.name)
+            if key is None:
+                log.warning("%s: member %r has no extension and belongs to no sample; dropped", name, info.name)
+                continue
+            yield key, info, tar.extractfile(info).read() if read else None
+        end = tar.offset
+    if reader.count < end + tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"no end-of-archive block at byte {end}: the file is truncated")
 
 
 def read_tar_samples(stream: BinaryIO, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[TarSample]:
@@ -119,23 +175,13 @@ def read_tar_samples(stream: BinaryIO, name: str, max_pixels: int = DEFAULT_MAX_
     A damaged or truncated tar, or an oversized member, raises ``tarfile.ReadError``; the
     stream's own errors (``OSError``, e.g. ``ShardUnavailable``) pass through as raised."""
     current: TarSample | None = None
-    reader = _BoundedReader(stream)
-    with tarfile.open(fileobj=reader, mode="r|") as tar:
-        for info in _members(tar, reader, name, max_pixels):
-            key, _ = base_plus_ext(info.name)
-            if key is None:
-                log.warning("%s: member %r has no extension and belongs to no sample; dropped", name, info.name)
-                continue
-            data = tar.extractfile(info).read()
-            if current is not None and current.key != key:
-                yield current
-                current = None
-            if current is None:
-                current = TarSample(key, [])
-            current.members.append((info, data))
-        end = tar.offset
-    if reader.count < end + tarfile.BLOCKSIZE:
-        raise tarfile.ReadError(f"no end-of-archive block at byte {end}: the file is truncated")
+    for key, info, data in _keyed_members(stream, name, max_pixels, read=True):
+        if current is not None and current.key != key:
+            yield current
+            current = None
+        if current is None:
+            current = TarSample(key, [])
+        current.members.append((info, data))
     if current is not None:
         yield current
 

@@ -17,9 +17,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from lvvit.bench.server_process import console_script as tool
 from lvvit.demo.stages import StageFailed, StageRunner, run_command
 from lvvit.ports import free_port
-from lvvit.serving.process import console_script as tool
 
 
 @dataclass(frozen=True)

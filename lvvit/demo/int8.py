@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lvvit.bench.infer import ort_session, throughput
+from lvvit import onnxrt
+from lvvit.bench.infer import throughput
 
 GATE_REFUSAL = "int8 accuracy gate"
 BATCHES = (1, 32)
@@ -39,7 +40,7 @@ def images_per_second(graphs: dict[str, Path], img_size: int, seconds: float = 0
     """Images/s of each ONNX graph on the CPU provider, one thread, keyed by batch size."""
     result: dict[str, dict[str, float]] = {}
     for name, path in graphs.items():
-        session = ort_session(path, "all", 1, ["CPUExecutionProvider"])
+        session = onnxrt.session(path, threads=1)
         result[name] = {}
         for batch in BATCHES:
             x = np.random.default_rng(0).standard_normal((batch, 3, img_size, img_size), np.float32)

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 import tritonclient.grpc as grpcclient
 
+from lvvit.bench.server_process import ServerProcess
 from lvvit.data.transforms import EvalTransform, normalize
 from lvvit.models import create_model
 from lvvit.serving.model_dir import load_model_dir
-from lvvit.serving.process import ServerProcess
 
 
 def held_out(val_root: Path) -> tuple[list[bytes], np.ndarray, list[str]]:

@@ -21,7 +21,6 @@ rewrite alone and writes the dense graph (docs/labeling.md).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -35,19 +34,21 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lvvit import atomic, jsonload
 from lvvit.data.cli import access_from_args, add_access_args, add_class_order
-from lvvit.data.shards import count_shard_samples
+from lvvit.data.shards import write_manifest
 from lvvit.data.source import (
     SourceError,
     is_remote,
     resolve,
 )
-from lvvit.data.tarsamples import ShardReadError
+from lvvit.data.tarsamples import ShardReadError, count_tar_samples
 from lvvit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from lvvit.digest import file_sha256
 from lvvit.labeling.labeler import CHANNEL_ORDERS, PRECISIONS, Labeler, ShardResult
-from lvvit.labeling.onnx_file import PROVIDERS, Limits, add_limit_args, limits_from_args
+from lvvit.labeling.onnx_file import Limits, add_limit_args, limits_from_args
 from lvvit.labeling.onnx_teacher import LAYOUTS, OnnxTeacherError, fixed_size, load_onnx_teacher
 from lvvit.labeling.sources import Plan, ShardJob, is_shard_folder, plan_image_folder, plan_shards
 from lvvit.labeling.teacher import TEACHERS, TeacherOutputError, build_teacher
+from lvvit.onnxrt import PROVIDERS
 
 log = logging.getLogger("lvvit.label")
 
@@ -74,14 +75,6 @@ def rank_info(local_rank_arg: int | None) -> RankInfo:
     return RankInfo(rank, world, local_rank)
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def onnx_path(teacher: str) -> Path | None:
     """The file of an ``onnx:PATH`` teacher, None for any other teacher."""
     return Path(teacher[len(ONNX_PREFIX) :]) if teacher.startswith(ONNX_PREFIX) else None
@@ -97,7 +90,7 @@ def labeling_settings(args: argparse.Namespace) -> dict:
     return {
         "input": args.input if is_remote(args.input) else str(Path(args.input).resolve()),
         "teacher": args.teacher,
-        "teacher_checkpoint_sha256": file_digest(teacher_file(args)),
+        "teacher_checkpoint_sha256": file_sha256(teacher_file(args)),
         "teacher_args": args.teacher_args,
         "mean": list(args.mean),
         "std": list(args.std),
@@ -137,11 +130,11 @@ def record_settings(out: Path, settings: dict) -> None:
         atomic.write_json(out / SETTINGS_FILE, settings)
 
 
-def write_manifest(out_dir: Path, jobs: list[ShardJob]) -> None:
-    """Sample counts of the finished output (skipped images change them), as in the contract."""
-    shards = [{"name": job.name, "samples": count_shard_samples(out_dir / job.name)} for job in jobs]
-    manifest = {"shards": shards, "total": sum(s["samples"] for s in shards)}
-    atomic.write_json(out_dir / "manifest.json", manifest)
+def write_output_manifest(out_dir: Path, plan: Plan) -> None:
+    """Sample counts of the finished output (skipped images change them) and the input's
+    class order, as in the contract."""
+    shards = [(job.name, count_tar_samples(out_dir / job.name)) for job in plan.jobs]
+    write_manifest(out_dir, shards, plan.class_order)
 
 
 def json_object(text: str) -> dict:
@@ -425,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic.write_bytes(args.out / "classes.json", plan.classes)
     # No collectives: the rank that finishes last sees every shard and writes the manifest.
     if all((args.out / job.name).exists() for job in plan.jobs):
-        write_manifest(args.out, plan.jobs)
+        write_output_manifest(args.out, plan)
         log.info("all %d shards finished; wrote %s", len(plan.jobs), args.out / "manifest.json")
     return 0
 

@@ -7,7 +7,6 @@ the teacher, so a GPU teacher is not starved by a single decoding thread.
 from __future__ import annotations
 
 import logging
-import os
 import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -22,6 +21,7 @@ import torch
 from PIL import UnidentifiedImageError
 from torch import nn
 
+from lvvit import atomic
 from lvvit.data.labelmap import LabelMap, encode_tlm
 from lvvit.data.pipeline import SkippedSample
 from lvvit.data.tarsamples import ShardReadError, TarSample, add_member, new_member
@@ -143,17 +143,10 @@ class Labeler:
         """
         result = ShardResult(out_path.name)
         start = time.perf_counter()
-        partial = out_path.with_name(out_path.name + PARTIAL_SUFFIX)
-        try:
+        with atomic.atomic_path(out_path, out_path.with_name(out_path.name + PARTIAL_SUFFIX)) as partial:
             seen = self._write_shard(samples, partial, result, on_batch)
             if expected is not None and seen != expected:
                 raise ShardReadError(f"the input has {seen} samples, expected {expected}")
-            with open(partial, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(partial, out_path)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
         result.seconds = time.perf_counter() - start
         return result
 

@@ -32,6 +32,10 @@ import onnxruntime as ort
 import torch
 from onnx import helper, numpy_helper
 
+from lvvit import onnxrt
+from lvvit.errors import first_line
+from lvvit.onnxrt import ProviderUnavailable, SessionError, provider_chain
+
 MAX_ONNX_BYTES = 2 << 30
 """Model file plus external data: protobuf's own limit for one in-memory model (2 GiB)."""
 
@@ -53,8 +57,6 @@ GRACE_SECONDS = 5.0
 SMALL_TENSOR = 4096
 """Elements of a stored tensor kept for shape inference (shapes, repeats, axes); larger
 ones are handed over as typed inputs, their values not being needed for shapes."""
-
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
 class OnnxTeacherError(ValueError):
@@ -130,7 +132,7 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     try:
         onnx.checker.check_model(str(path))  # by path: external data is checked where it lies, not loaded
     except Exception as e:
-        raise OnnxTeacherError(f"{path}: not a valid ONNX model ({type(e).__name__}: {_first_line(e)})") from None
+        raise OnnxTeacherError(f"{path}: not a valid ONNX model ({first_line(e, limit=None)})") from None
     return model
 
 
@@ -344,29 +346,16 @@ def make_session(
 ) -> ort.InferenceSession:
     """An ORT session on ``provider`` with as many threads as torch uses (ranks share cores).
 
-    External data is read by ONNX Runtime from ``folder`` (the model's), which maps it; the
-    NCHWc layout pass is then off, since it would copy every convolution's weights.
+    External data is read by ONNX Runtime from ``folder`` (the model's), which maps it
+    instead of copying it; ORT's errors are quiet here, reaching the user once as our line.
     """
-    name = PROVIDERS[provider]
-    if name not in ort.get_available_providers():
-        raise OnnxTeacherError(
-            f"--onnx-provider {provider}: ONNX Runtime here has {', '.join(ort.get_available_providers())}; "
-            f"{name} needs onnxruntime-gpu"
-        )
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 4  # its errors reach the user once, as our one line
-    disabled = []
-    if folder is not None and has_external_data(model):
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
-        disabled = ["NchwcTransformer"]
-    providers = [name if provider == "cpu" else (name, {"device_id": device_id}), "CPUExecutionProvider"]
     try:
-        return ort.InferenceSession(model.SerializeToString(), options,
-                                    providers=providers[: 1 if provider == "cpu" else 2], disabled_optimizers=disabled)
-    except Exception as e:  # ORT's own exception types: an op or type it cannot run
-        raise OnnxTeacherError(f"{where}: ONNX Runtime cannot load it ({_first_line(e)})") from None
+        chain = provider_chain(provider, "--onnx-provider", device_id=device_id)
+        return onnxrt.session(model.SerializeToString(), providers=chain, threads=torch.get_num_threads(),
+                              inter_threads=1, log_level=4, where=where,
+                              external_data=folder if folder is not None and has_external_data(model) else None)
+    except (ProviderUnavailable, SessionError) as e:
+        raise OnnxTeacherError(str(e)) from None
 
 
 def resident_bytes() -> int:

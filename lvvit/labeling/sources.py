@@ -18,14 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lvvit.data.shards import (
-    Prepared,
-    SourceImage,
-    classes_json,
-    prepare_sample,
-    scan_image_folder,
-    shard_name,
-)
+from lvvit.data.imagefolder import SourceImage, classes_json, scan_image_folder
+from lvvit.data.shards import Prepared, prepare_sample, shard_name
 from lvvit.data.source import ShardSource, SourceError
 from lvvit.data.source import shard_name as url_shard_name
 from lvvit.data.tarsamples import TarSample, iter_tar_samples
@@ -50,6 +44,7 @@ class Plan:
     jobs: list[ShardJob]
     classes: bytes | None  # classes.json as written (copied from a shard folder); None if absent
     skipped: list[dict]  # inputs left out before labeling (duplicate keys), key + reason
+    class_order: str | None  # how the cls indices were assigned (manifest.json), when known
 
 
 def is_shard_folder(folder: Path) -> bool:
@@ -68,7 +63,7 @@ def plan_shards(source: ShardSource) -> Plan:
         ShardJob(name, partial(iter_tar_samples, url, source.open), count)
         for name, url, count in zip(names, source.urls, counts, strict=True)
     ]
-    return Plan(jobs, source.classes_json, [])
+    return Plan(jobs, source.classes_json, [], source.class_order)
 
 
 def plan_image_folder(
@@ -97,7 +92,7 @@ def plan_image_folder(
         for i, start in enumerate(range(0, len(items), shard_size))
     ]
     classes = classes_json(scan.classes, class_names)
-    return Plan(jobs, (json.dumps(classes, indent=1) + "\n").encode(), scan.duplicates)
+    return Plan(jobs, (json.dumps(classes, indent=1) + "\n").encode(), scan.duplicates, class_order)
 
 
 def folder_samples(items: list[SourceImage], max_size: int | None, workers: int = 1) -> Iterator[TarSample]:

@@ -20,11 +20,13 @@ holding more than tensors, plain values and DeepSpeed's few data types.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import re
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +35,12 @@ import torch
 import torch.distributed as dist
 
 from lvvit import atomic
+from lvvit.errors import first_line
 from lvvit.models.checkpoint import CheckpointError, check_data, load_data
 from lvvit.train.ema import ModelEma
+from lvvit.train.state import GlobalBatchMismatch, TrainState
+
+log = logging.getLogger("lvvit.train")
 
 TAG_RE = re.compile(r"^step(\d{8})$")
 EMA_FILE = "lvvit_ema.pt"
@@ -191,23 +197,55 @@ def write_latest(directory: Path, tag: str) -> None:
     atomic.write_text(directory / "latest", tag)
 
 
-class Checkpointer:
-    """Saves on every rank (DeepSpeed needs all of them), keeps the newest ``keep`` tags."""
+@dataclass(frozen=True)
+class SavePolicy:
+    """Which steps end in a checkpoint: every ``--save-every`` (epoch ends save anyway) and
+    ``--max-steps``, where the run stops."""
 
-    def __init__(self, engine, directory: Path, keep: int, ema: ModelEma | None) -> None:
+    every: int
+    max_steps: int | None
+
+    def stops(self, step: int) -> bool:
+        return self.max_steps is not None and step >= self.max_steps
+
+    def due(self, step: int, epoch_done: bool) -> bool:
+        return self.stops(step) or bool(self.every and step % self.every == 0 and not epoch_done)
+
+
+class Checkpointer:
+    """Saves on every rank (DeepSpeed needs all of them), keeps the newest ``keep`` tags.
+
+    Owns the run's ``TrainState`` (written into DeepSpeed's client state under ``lvvit``,
+    checked on resume), the ``SavePolicy`` and the consolidated ``weights.pth``.
+    """
+
+    def __init__(self, engine, directory: Path, keep: int, ema: ModelEma | None, state: TrainState,
+                 policy: SavePolicy) -> None:
         if keep < 1:  # rotation would delete the tag just written (train.py refuses --keep < 1)
             raise ValueError(f"keep must be >= 1, not {keep}")
         self.engine = engine
         self.directory = Path(directory)
         self.keep = keep
         self.ema = ema
+        self.state = state
+        self.policy = policy
         self.last_tag: str | None = None
         self.loaded_from: Path | None = None  # the tag folder ``resume`` loaded
+        self.weights_written = False
 
-    def save(self, client_state: dict[str, Any]) -> str:
+    def client_state(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """Ours under ``lvvit`` (the state and ``extra``); the empty ``universal_checkpoint_info``
+        tells DeepSpeed's ``ds_to_universal`` that plain data-parallel weights need no
+        re-sharding rules."""
+        return {"universal_checkpoint_info": {}, "lvvit": {**self.state.state_dict(), **extra}}
+
+    def save(self, extra: dict[str, Any]) -> str:
+        """Collective: the current step as a tag with the state and ``extra`` in its client state."""
         tag = step_tag(self.engine.global_steps)
+        self.state.step = self.engine.global_steps
         ema_state = self.ema.full_state_dict() if self.ema is not None else None
-        self.engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state, save_latest=False)
+        self.engine.save_checkpoint(str(self.directory), tag=tag, client_state=self.client_state(extra),
+                                    save_latest=False)
         rank = dist.get_rank()
         atomic_torch_save(rng_state(), self.directory / tag / f"lvvit_rng_rank{rank}.pt")
         if rank == 0 and ema_state is not None:
@@ -220,13 +258,26 @@ class Checkpointer:
         self.last_tag = tag
         return tag
 
+    def saved_current(self) -> bool:
+        """Whether the engine's current step is saved already (the last tag is its)."""
+        return self.last_tag == step_tag(self.engine.global_steps)
+
+    def write_weights(self, out: Path, model_args: dict[str, Any]) -> None:
+        """Collective: consolidated fp32 weights (+ EMA) of the last tag, written by rank 0."""
+        if dist.get_rank() == 0:
+            consolidate(self.directory, self.last_tag, out, model_args)
+            log.info("wrote %s", out)
+        dist.barrier()
+        self.weights_written = True
+
     def _rotate(self) -> None:
         tags = sorted(t.name for t in self.directory.iterdir() if t.is_dir() and TAG_RE.match(t.name))
         for old in tags[: max(len(tags) - self.keep, 0)]:
             shutil.rmtree(self.directory / old, ignore_errors=True)
 
     def resume(self, which: str) -> dict[str, Any]:
-        """Load model, optimizer, scheduler and step; restore EMA and this rank's RNG.
+        """Load model, optimizer, scheduler and step; restore the state, EMA and this rank's RNG;
+        returns our client state (``lvvit``: the MLflow run id among it).
 
         ``which``: ``latest``, a tag in the checkpoint folder, or a tag folder anywhere. Every
         rank checks every file of the tag before DeepSpeed reads any, so a bad file stops all
@@ -240,12 +291,17 @@ class Checkpointer:
                 self.restore_ema(tag_dir)
         except (CheckpointError, FileNotFoundError) as err:
             raise SystemExit(f"--resume: {err}") from None
-        client_state = self.load_engine(tag_dir)
+        ours = self.load_engine(tag_dir).get("lvvit", {})
+        try:
+            self.state.load_state_dict(ours)
+        except GlobalBatchMismatch as err:
+            raise SystemExit(f"--resume {tag_dir}: {err}") from None
+        self.state.step = self.engine.global_steps
         if rng is not None:
             set_rng_state(rng)
         self.last_tag = tag_dir.name
         self.loaded_from = tag_dir
-        return client_state
+        return ours
 
     def locate(self, which: str) -> Path:
         """The tag folder ``which`` names; ``latest`` is read (``latest_universal`` under
@@ -288,16 +344,10 @@ class Checkpointer:
             with deepspeed_loads_data_only():
                 load_path, client_state = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         except Exception as err:  # DeepSpeed reports damaged files with many exception types
-            raise SystemExit(f"--resume: DeepSpeed cannot load {tag_dir}: {_one_line(err)}") from None
+            raise SystemExit(f"--resume: DeepSpeed cannot load {tag_dir}: {first_line(err)}") from None
         if load_path is None:
             raise SystemExit(f"--resume: DeepSpeed could not load a checkpoint from {tag_dir}")
         return client_state
-
-
-def _one_line(err: BaseException) -> str:
-    """The exception's type and the first line of its message."""
-    text = str(err).strip().split("\n")[0][:300]
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def consolidate(
@@ -321,7 +371,7 @@ def consolidate(
     except (ValueError, OSError):  # these name the file already
         raise
     except Exception as err:  # DeepSpeed's zero_to_fp32 reports damaged files with many types
-        raise CheckpointError(f"{tag_dir}: cannot merge DeepSpeed's partitions: {_one_line(err)}") from err
+        raise CheckpointError(f"{tag_dir}: cannot merge DeepSpeed's partitions: {first_line(err)}") from err
     state_dict = {k: v.detach().float() if v.is_floating_point() else v for k, v in state_dict.items()}
     if model_args is None:
         model_args = client_state_of(checkpoint_dir, tag).get("model_args", {})

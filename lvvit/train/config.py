@@ -12,7 +12,6 @@ import argparse
 import difflib
 import functools
 import importlib.resources
-import json
 import math
 import os
 import typing
@@ -340,9 +339,6 @@ class _KeyRecorder(dict):
         self.asked.add(str(key))
         return super().__contains__(key)
 
-    def __len__(self) -> int:
-        return 1  # non-empty, so guards such as ``if param_dict and KEY in param_dict`` are read
-
     def keys(self) -> _KeyRecorder:  # ``KEY in d.keys()`` must reach __contains__
         return self
 
@@ -385,19 +381,24 @@ def deepspeed_schema() -> Schema:
     """The keys DeepSpeed reads, taken from the installed DeepSpeed rather than a hand-written
     list, so it follows DeepSpeed releases.
 
-    Top level: every key ``DeepSpeedConfig._initialize_params`` asks an empty config for
-    (recorded), plus ``sequence_parallel_size`` (read by its constructor). Sections:
+    Top level: every key DeepSpeed's public ``DeepSpeedConfig`` constructor asks a minimal
+    config (one sample per rank) for, recorded, plus ``sequence_parallel_size`` (read
+    by the engine). Sections:
     ``zero_optimization``, ``fp16``, ``bf16`` from their pydantic models (field names and
     aliases, nested offload models too); ``optimizer``, ``scheduler``, ``data_types`` from
     DeepSpeed's constants; Adam/AdamW ``optimizer.params`` from the optimizer classes.
     """
+    import torch.distributed as dist
     from deepspeed.runtime import constants as K
     from deepspeed.runtime.config import DeepSpeedConfig
     from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     recorder = _KeyRecorder()
-    DeepSpeedConfig._initialize_params(object.__new__(DeepSpeedConfig), recorder)
+    # the one value its batch arithmetic needs: a micro batch of 1 on each rank of this process group
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    dict.__setitem__(recorder, K.TRAIN_BATCH_SIZE, world)
+    DeepSpeedConfig(recorder)  # copies the dict shallowly: the copy records into the same set
     schema: Schema = dict.fromkeys({*recorder.asked, "sequence_parallel_size"})
     schema.update({
         "zero_optimization": _model_schema(DeepSpeedZeroConfig),
@@ -473,29 +474,13 @@ def _check_section_values(cfg: dict, origin: str) -> None:
 def resolve_ds_config(
     args: argparse.Namespace, ds_config: dict, plan: BatchPlan, lr: float
 ) -> dict:
-    """The JSON with the run's batch sizes, optimizer rate/decay and clipping filled in.
+    """The JSON with the run's batch sizes, optimizer rate/decay and clipping filled in
+    (``lvvit.train.engine.fill_ds_config``, which the benchmarks share)."""
+    from lvvit.train.engine import fill_ds_config
 
-    The optimizer type and its other settings stay the JSON's (e.g. ``torch_adam``).
-    """
-    cfg = json.loads(json.dumps(ds_config))
-    cfg["train_micro_batch_size_per_gpu"] = plan.micro_batch
-    cfg["gradient_accumulation_steps"] = plan.grad_accum
-    cfg["train_batch_size"] = plan.global_batch
-    opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})
-    params = opt.setdefault("params", {})
-    params["lr"] = lr
-    params["weight_decay"] = args.weight_decay
-    if args.clip_grad is not None:
-        cfg["gradient_clipping"] = args.clip_grad
-    cfg.pop("scheduler", None)  # ours runs per step, see lvvit.train.schedule
-    low = "bf16" if cfg.get("bf16", {}).get("enabled") else "fp16" if cfg.get("fp16", {}).get("enabled") else None
-    if low is not None:
-        # DeepSpeed casts parameters only; BatchNorm (the stem) then meets low-precision
-        # weights with fp32 running statistics, which its kernels refuse.
-        cfg.setdefault("data_types", {}).setdefault("buffer_dtype", low)
-    if args.universal:
-        cfg.setdefault("checkpoint", {})["load_universal"] = True
-    return cfg
+    return fill_ds_config(ds_config, micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
+                          global_batch=plan.global_batch, lr=lr, weight_decay=args.weight_decay,
+                          clip_grad=args.clip_grad, universal=args.universal)
 
 
 def open_source(option: str, spec: str, manifest: str | None, args: argparse.Namespace) -> ShardSource:

@@ -1,4 +1,11 @@
-"""Preemption: a signal makes every rank stop at the same optimizer step, with a checkpoint.
+"""Signals: SIGTERM and the preemption signals, and the run status and exit code they give.
+
+The one home of signal handling in training (and in ``lvvit-export``, which unwinds the
+same way). Before the first step, SIGTERM raises :class:`Terminated` (nothing is lost; the
+run ends as KILLED with the shell's status, 143). From the first step on, a preemption
+signal makes every rank stop at the same optimizer step, with a checkpoint (status 75).
+A process forked after a handler is installed (a DataLoader worker) inherits it; the one
+guard in :func:`install` decides what such a process does.
 
 Schedulers warn before they kill: SLURM sends SIGTERM (or the ``--signal`` of the job),
 Kubernetes SIGTERM with a grace period. The handler only sets a flag, since the signal may
@@ -31,10 +38,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, NoReturn, TypeVar
-
-from lvvit.train.tracking import Terminated
 
 if TYPE_CHECKING:  # torch is imported when a run starts: the option checks stay light
     import torch
@@ -54,6 +59,42 @@ WATCH_EVERY = 0.1
 """Seconds between looks at the launcher processes."""
 T = TypeVar("T")
 _END = object()
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that the run is closed as KILLED."""
+
+
+def end_status(err: BaseException) -> str:
+    """KILLED for an interrupt or SIGTERM, FAILED for anything else that ended the run."""
+    return "KILLED" if isinstance(err, KeyboardInterrupt | Terminated) else "FAILED"
+
+
+def install(signals: Iterable[signal.Signals], action: Callable[[int], None], *, forked_dies: bool) -> None:
+    """``action(signum)`` on each of ``signals`` in this process. A process forked later
+    inherits the handler: there the signal takes its default action (``forked_dies``, it
+    ends as if no handler had been installed) or is ignored (it carries on)."""
+    owner = os.getpid()
+
+    def handler(signum: int, frame) -> None:
+        if os.getpid() != owner:
+            if forked_dies:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return
+        action(signum)
+
+    for sig in signals:
+        signal.signal(sig, handler)
+
+
+def raise_on_sigterm() -> None:
+    """Turn SIGTERM into :class:`Terminated` in this process (forked children keep the default)."""
+    install((signal.SIGTERM,), _raise_terminated, forked_dies=True)
+
+
+def _raise_terminated(signum: int) -> None:
+    raise Terminated()
 
 
 class Preempted(Terminated):
@@ -102,7 +143,6 @@ class Preemption:
         self.group = dist.new_group(backend="gloo") if signals else None
         self.pending: dist.Work | None = None
         self.box: torch.Tensor | None = None
-        self.pid = os.getpid()
 
     def install(self) -> None:
         """From here on the signals only set the flag (the run is past its setup), and the end
@@ -110,8 +150,7 @@ class Preemption:
         if self.signals:
             signal.signal(signal.SIGALRM, signal.SIG_DFL)
             watch_launcher(self.signals[0])
-        for sig in self.signals:
-            signal.signal(sig, self.handle)
+        install(self.signals, self.handle, forked_dies=False)  # a forked process carries on too
 
     def shielded(self, items: Iterable[T]) -> Iterator[T]:
         """``items`` with the signals blocked while the first one is fetched: a DataLoader forks
@@ -130,9 +169,7 @@ class Preemption:
         yield first
         yield from iterator
 
-    def handle(self, signum: int, frame) -> None:
-        if os.getpid() != self.pid:  # a process forked before the mask: it carries on too
-            return
+    def handle(self, signum: int) -> None:
         if self.signalled_at is not None:
             return
         self.signalled_at = time.time()
@@ -243,5 +280,5 @@ def exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
-__all__ = ["DEFAULT_GRACE", "DEFAULT_SIGNALS", "PREEMPTED_EXIT", "Preempted", "Preemption", "exit_now",
-           "parse_signals", "watch_launcher"]
+__all__ = ["DEFAULT_GRACE", "DEFAULT_SIGNALS", "PREEMPTED_EXIT", "Preempted", "Preemption", "Terminated",
+           "end_status", "exit_now", "install", "parse_signals", "raise_on_sigterm", "watch_launcher"]

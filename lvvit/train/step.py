@@ -10,7 +10,7 @@ Nothing here reads a device value on the host, so a GPU step is queued without w
   adds exactly zero to the gradient (its teacher logits are zeroed where non-finite and
   its loss is replaced by 0 with ``torch.where`` before backward), so nothing has to be
   read before the update. The loop reads the counts at its logging and saving steps and
-  applies ``--nan-policy`` there (see ``lvvit.train.loop.NonFinitePolicy``).
+  applies ``--nan-policy`` there (see ``lvvit.train.metrics.NonFinitePolicy``).
 
 The step's optimizer update still happens when a micro batch is zeroed: AdamW moves on its
 moments (and weight decay) alone for a step whose every micro batch was non-finite. A loss

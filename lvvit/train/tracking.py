@@ -20,7 +20,6 @@ import logging
 import os
 import queue
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from lvvit import atomic
+from lvvit.errors import first_line
 from lvvit.train.spool import (
     EVAL_RUN_FILE,
     FILE_NAME,
@@ -84,11 +84,6 @@ def bound_http_requests() -> None:
     user set the variables. MLflow reads them at each request."""
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:300] if text else ''}"
 
 
 def experiment_id(client, name: str) -> str:
@@ -431,31 +426,6 @@ def make_tracker(
     if not enabled or rank != 0:
         return NullTracker()
     return MlflowTracker(experiment, run_name, output, tags, run_id, system_metrics, record, strict)
-
-
-# ----------------------------------------------------------------- run endings
-
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that the run is closed as KILLED."""
-
-
-def raise_on_sigterm() -> None:
-    """Turn SIGTERM into :class:`Terminated` in this process (forked children keep the default)."""
-    pid = os.getpid()
-
-    def handler(signum, frame) -> None:
-        if os.getpid() != pid:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        raise Terminated()
-
-    signal.signal(signal.SIGTERM, handler)
-
-
-def end_status(err: BaseException) -> str:
-    """KILLED for an interrupt or SIGTERM, FAILED for anything else that ended the run."""
-    return "KILLED" if isinstance(err, KeyboardInterrupt | Terminated) else "FAILED"
 
 
 # ----------------------------------------------------------------- replay

@@ -1,6 +1,7 @@
 """``lvvit-serve`` as a child process on free loopback ports, for benchmarks, tests and
 scripts that need a real server for a while: start, wait until ready, scrape its metrics,
-stop with SIGTERM."""
+stop with SIGTERM. A harness, not part of the server: it lives with the benchmarks that
+ship (``lvvit-bench serve``, the demo), and tests import it from here."""
 
 from __future__ import annotations
 
