@@ -11,8 +11,6 @@ import pytest
 from lvvit.models import create_model
 from lvvit.train.config import (
     build_parser,
-    deepspeed_schema,
-    load_ds_config,
     open_source,
     parse_args,
     peak_lr,
@@ -20,6 +18,7 @@ from lvvit.train.config import (
     resolve_batch,
     resolve_ds_config,
 )
+from lvvit.train.ds_config import deepspeed_schema, load_ds_config
 from lvvit.train.engine import param_groups
 from lvvit.train.options import RANGES, numeric_actions
 from lvvit.train.schedule import WarmupCosineSchedule

@@ -104,7 +104,8 @@ def packaged_engine_config(name: str, micro_batch: int, torch_adam: bool = False
     """A packaged JSON (``zero2.json``, ``cpu.json``) filled for one rank at ``micro_batch``,
     as ``train.py`` fills it (lr and decay of the JSON). ``torch_adam`` swaps DeepSpeed's
     fused Adam for torch's AdamW, which needs no JIT build."""
-    from lvvit.train.config import load_ds_config, packaged_ds_config
+    from lvvit.train.config import packaged_ds_config
+    from lvvit.train.ds_config import load_ds_config
 
     raw = load_ds_config(packaged_ds_config(name))
     params = raw.get("optimizer", {}).get("params", {})
