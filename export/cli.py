@@ -24,7 +24,7 @@ import onnx
 import onnxruntime
 import torch
 
-from lvvit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+from lvvit.data.decode import IMAGENET_MEAN, IMAGENET_STD, normalize
 from lvvit.digest import file_sha256
 from lvvit.models import LVViT
 from lvvit.train.options import AT_LEAST_0, AT_LEAST_1, POSITIVE, PROBABILITY, Range, check_ranges

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lvvit.data.pipeline import eval_loader
 from lvvit.data.source import ShardUnavailable, SourceError
+from lvvit.loader.pipeline import eval_loader
 
 from .errors import ExportError, ParityError
 from .parity import as_model_input

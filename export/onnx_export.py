@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from lvvit import onnxrt
-from lvvit.data.transforms import normalize
+from lvvit.data.decode import normalize
 from lvvit.errors import first_line
 from lvvit.onnxrt import SessionError, preferred_providers
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from lvvit.data.transforms import normalize
+from lvvit.data.decode import normalize
 
 from .errors import ParityError
 

@@ -20,7 +20,7 @@ import torch
 from lvvit.serving.protocol import IMAGE_BYTES, InvalidInput
 from PIL import Image, UnidentifiedImageError
 
-from lvvit.data.transforms import EvalTransform, normalize, open_image
+from lvvit.data.decode import EvalTransform, normalize, open_image
 
 MEGAPIXEL = 1_000_000
 _MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only

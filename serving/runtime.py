@@ -52,7 +52,7 @@ from mlserver.logging import logger
 from mlserver.types import InferenceRequest, InferenceResponse
 from PIL import Image
 
-from lvvit.data.transforms import EvalTransform
+from lvvit.data.decode import EvalTransform
 
 
 class LVViTRuntime(MLModel):

@@ -355,5 +355,5 @@ def test_checker_rejects_flags_the_cli_lacks() -> None:
 def test_program_without_an_option_list_is_reported() -> None:
     """A module that prints no argparse options (here: not a CLI at all) is not taken as
     accepting everything."""
-    report = problems(DocCommand("x.md:1", ("python", "-m", "lvvit.loss"), ("--model",)))
-    assert report == ["`python -m lvvit.loss --help` printed no argparse option list"]
+    report = problems(DocCommand("x.md:1", ("python", "-m", "lvvit.train.loss"), ("--model",)))
+    assert report == ["`python -m lvvit.train.loss --help` printed no argparse option list"]

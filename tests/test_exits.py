@@ -90,7 +90,7 @@ def test_an_eval_shard_gone_since_the_start_is_an_error_and_the_workers_end(shar
     script = f"""
 import os
 import torch.distributed as dist
-from lvvit.data.pipeline import eval_loader
+from lvvit.loader.pipeline import eval_loader
 from lvvit.data.source import resolve
 from lvvit.ports import free_port
 from lvvit.train.preemption import DEFAULT_SIGNALS, Preemption, parse_signals

@@ -24,7 +24,7 @@ from lvvit.export.onnx_export import io_spec, load_onnx, metadata_props
 from lvvit.export.parity import parity_pixels
 from lvvit.export.triton import TensorSpec, config_text
 
-from lvvit.data.transforms import normalize
+from lvvit.data.decode import normalize
 from lvvit.models import create_model
 from lvvit.ports import free_port
 

@@ -27,7 +27,7 @@ from PIL import Image
 
 from lvvit import onnxrt
 from lvvit.bench.server_process import ServerProcess
-from lvvit.data.transforms import normalize
+from lvvit.data.decode import normalize
 from lvvit.models import create_model
 
 TINY = {"embed_dim": 48, "depth": 2, "num_heads": 2, "stem_width": 16}

@@ -7,16 +7,16 @@ import math
 import pytest
 import torch
 
-from lvvit.loss import (
+from lvvit.models import create_model
+from lvvit.models.lvvit import box_mask
+from lvvit.train.loss import (
     LossParts,
     TokenLabelingLoss,
     blend_ground_truth,
     mix_token_lam,
     smoothed_one_hot,
 )
-from lvvit.models import create_model
-from lvvit.models.lvvit import box_mask
-from lvvit.targets import build_token_targets
+from lvvit.train.targets import build_token_targets
 
 
 def _logits(*probs: list[float]) -> torch.Tensor:

@@ -19,10 +19,10 @@ import torch
 from test_transforms import GEOMETRIC, MAP_BOX, painted_jpeg, painted_label_map, pixel_classes
 
 from lvvit.data.labelmap import encode_tlm
-from lvvit.data.pipeline import eval_loader, train_loader
-from lvvit.data.transforms import RandAugment
+from lvvit.loader.pipeline import eval_loader, train_loader
+from lvvit.loader.transforms import RandAugment
 from lvvit.ports import free_port
-from lvvit.targets import build_token_targets
+from lvvit.train.targets import build_token_targets
 
 JPEG = painted_jpeg(120, 90)
 TLM = encode_tlm(painted_label_map())
@@ -95,7 +95,7 @@ def test_plain_label_shards_give_no_map_keys(tmp_path: Path) -> None:
 
 def test_token_targets_from_a_batch_match_its_images(tmp_path: Path) -> None:
     """Shards -> worker transform (draft decode, geometric RandAugment, crop, flip) ->
-    batch -> lvvit.targets: each token's target class is the class painted under it."""
+    batch -> lvvit.train.targets: each token's target class is the class painted under it."""
     root = write_shards(tmp_path / "d", [32])
     loader = train_loader(
         root, batch_size=32, img_size=64, num_workers=0, erase_prob=0.0,
@@ -120,7 +120,7 @@ def test_corrupt_samples_are_skipped_and_reported(tmp_path: Path, caplog: pytest
     loader = train_loader(root, batch_size=2, img_size=32, num_workers=0, shuffle_buffer=0)
     seen: set[int] = set()
     reports = {}
-    with caplog.at_level(logging.WARNING, logger="lvvit.data.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="lvvit.loader.pipeline"):
         for _ in range(12):  # shards are drawn at random: go on until both came round
             for batch in loader:
                 seen.update(batch["labels"].tolist())
@@ -179,7 +179,7 @@ def test_eval_loader_counts_every_sample_once(tmp_path: Path, world: int, worker
 RANK_SCRIPT = """
 import json, sys
 import torch.distributed as dist
-from lvvit.data.pipeline import eval_loader, train_loader
+from lvvit.loader.pipeline import eval_loader, train_loader
 
 dist.init_process_group("gloo")
 root, out = sys.argv[1], sys.argv[2]

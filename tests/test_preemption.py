@@ -22,7 +22,7 @@ import pytest
 import torch
 from test_train import COMMON, REPO, command, ds_config, write_shards
 
-from lvvit.data.pipeline import train_loader
+from lvvit.loader.pipeline import train_loader
 from lvvit.train.loop import train_seed
 from lvvit.train.preemption import PREEMPTED_EXIT
 from lvvit.train.schedule import WarmupCosineSchedule

@@ -139,7 +139,7 @@ def test_a_streamed_member_is_refused_by_its_declared_size(tmp_path: Path, basel
 
 
 _TRAIN_ON = ("import sys\n"
-             "from lvvit.data.pipeline import train_loader\n"
+             "from lvvit.loader.pipeline import train_loader\n"
              "loader = train_loader(sys.argv[1], 2, 32, num_workers=0, steps_per_epoch=1, randaugment=None,\n"
              "                      label_maps=False)\n"
              "next(iter(loader))")

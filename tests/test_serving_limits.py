@@ -24,7 +24,7 @@ from tritonclient.utils import InferenceServerException
 
 from lvvit.bench.serve import TINY_EXPORT_FLAGS, lvvit_export
 from lvvit.bench.server_process import ServerProcess
-from lvvit.data.transforms import EvalTransform, jpeg_top_rows
+from lvvit.data.decode import EvalTransform, jpeg_top_rows
 
 pytestmark = pytest.mark.slow
 

@@ -22,10 +22,10 @@ from test_labeling import _label_args, _small_cnn_file
 from test_pipeline import write_shards
 
 from lvvit.data.cli import main as shards_main
-from lvvit.data.pipeline import SHARD_KEY, eval_loader, train_loader
 from lvvit.data.source import Access, ShardUnavailable, resolve
-from lvvit.data.tarsamples import iter_tar_samples
+from lvvit.data.tarsamples import SHARD_KEY, iter_tar_samples
 from lvvit.labeling.cli import main as label_main
+from lvvit.loader.pipeline import eval_loader, train_loader
 
 FAST = Access(timeout=5, retries=1)
 COUNTS = [3, 4, 2, 5, 3]  # 17 samples; sample i has key k000i and class i

@@ -28,9 +28,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from lvvit.data.decode import normalize
 from lvvit.data.labelmap import LabelMap, encode_tlm
-from lvvit.data.pipeline import eval_loader
-from lvvit.data.transforms import normalize
+from lvvit.loader.pipeline import eval_loader
 from lvvit.models import create_model
 from lvvit.ports import free_port
 from lvvit.train.checkpointing import EMA_FILE

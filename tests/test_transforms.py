@@ -12,22 +12,24 @@ import pytest
 import torch
 from PIL import Image
 
-from lvvit.data.labelmap import LabelMap
-from lvvit.data.transforms import (
-    COLOUR_OPS,
-    FILL,
-    GEOMETRIC_OPS,
+from lvvit.data.decode import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    RandAugment,
-    TrainTransform,
-    crop_resize,
-    decode_for_crop,
     draft_decode,
     draft_factor,
     jpeg_top_rows,
     normalize,
     open_image,
+)
+from lvvit.data.labelmap import LabelMap
+from lvvit.loader.transforms import (
+    COLOUR_OPS,
+    FILL,
+    GEOMETRIC_OPS,
+    RandAugment,
+    TrainTransform,
+    crop_resize,
+    decode_for_crop,
     random_erase,
     sample_crop_box,
     scaled_region,
@@ -322,7 +324,7 @@ def test_random_erase_fills_one_box_with_mean_centred_noise() -> None:
 
 
 def test_eval_transform_resizes_shorter_side_then_centre_crops() -> None:
-    from lvvit.data.transforms import EvalTransform
+    from lvvit.data.decode import EvalTransform
 
     data = photo_jpeg(400, 300)
     out = EvalTransform(img_size=224, crop_pct=0.9)(data)
@@ -337,7 +339,7 @@ def test_eval_transform_decodes_large_jpegs_scaled_and_close_to_full() -> None:
     """A JPEG with a shorter side of at least twice the resize target is decoded at a DCT
     scale-down (here 1/4: 1600 / 4 >= 248 > 1600 / 8), and the crop stays within about a
     grey level of the full-resolution decode."""
-    from lvvit.data.transforms import EvalTransform
+    from lvvit.data.decode import EvalTransform
 
     data = photo_jpeg(2400, 1600)
     img = open_image(data)

@@ -44,16 +44,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lvvit.data.decode import IMAGENET_MEAN, IMAGENET_STD, normalize
 from lvvit.data.label_bytes import label_bytes_report, photo_label_maps
 from lvvit.data.labelmap import LabelMap, centre_square_box
-from lvvit.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    RANDOM_INTERPOLATION,
-    TrainTransform,
-    normalize,
-    sample_crop_box,
-)
+from lvvit.loader.transforms import RANDOM_INTERPOLATION, TrainTransform, sample_crop_box
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -169,7 +163,7 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 def _loader_rate(spec: str, args: argparse.Namespace, steps: int) -> float:
     """Wall-clock images/s of one epoch of the training loader over ``spec``."""
-    from lvvit.data.pipeline import train_loader
+    from lvvit.loader.pipeline import train_loader
 
     loader = train_loader(spec, batch_size=32, img_size=args.img_size, num_workers=args.workers,
                           shuffle_buffer=256, steps_per_epoch=steps, seed=args.seed, label_maps=False)

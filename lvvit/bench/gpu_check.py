@@ -226,7 +226,7 @@ def _throughput(run: Callable[[], object], batch: int, sizes: Sizes, device: str
 def eval_throughput(sizes: Sizes, device: str) -> str:
     """The eval forward as ``train.py`` evaluates: uint8 images to the device, normalised,
     bf16 autocast on the GPU."""
-    from lvvit.data.transforms import normalize
+    from lvvit.data.decode import normalize
     from lvvit.models import create_model
 
     name, size, batch = sizes.eval

@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from lvvit.loss import TokenLabelingLoss
 from lvvit.models import create_model
 from lvvit.train.ema import ModelEma
 from lvvit.train.engine import build_engine, ensure_dist_env, packaged_engine_config, param_groups
+from lvvit.train.loss import TokenLabelingLoss
 from lvvit.train.step import Objective, PlainEngine, train_step
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}

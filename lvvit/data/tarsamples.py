@@ -18,7 +18,7 @@ import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from webdataset.tariterators import base_plus_ext
 
@@ -197,3 +197,16 @@ def new_member(name: str, data: bytes, like: tarfile.TarInfo) -> tarfile.TarInfo
     info.mtime, info.mode = like.mtime, like.mode
     info.uid, info.gid, info.uname, info.gname = like.uid, like.gid, like.uname, like.gname
     return info
+
+
+SHARD_KEY = "<shard>"
+"""``SkippedSample.key`` of a whole shard that could not be read."""
+
+
+class SkippedSample(NamedTuple):
+    """A sample (or, with key ``<shard>``, a whole shard) left out, and why; the one skip
+    record of the loaders and the labeler."""
+
+    shard: str
+    key: str
+    reason: str

@@ -11,7 +11,7 @@ import torch
 import tritonclient.grpc as grpcclient
 
 from lvvit.bench.server_process import ServerProcess
-from lvvit.data.transforms import EvalTransform, normalize
+from lvvit.data.decode import EvalTransform, normalize
 from lvvit.models import create_model
 from lvvit.serving.model_dir import load_model_dir
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from lvvit import atomic
-from lvvit.data.transforms import EvalTransform, normalize
+from lvvit.data.decode import EvalTransform, normalize
 from lvvit.labeling.smallcnn import SmallCNN, SmallCNNConfig, save_small_cnn
 
 

@@ -34,6 +34,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lvvit import atomic, jsonload
 from lvvit.data.cli import access_from_args, add_access_args, add_class_order
+from lvvit.data.decode import IMAGENET_MEAN, IMAGENET_STD
 from lvvit.data.shards import write_manifest
 from lvvit.data.source import (
     SourceError,
@@ -41,7 +42,6 @@ from lvvit.data.source import (
     resolve,
 )
 from lvvit.data.tarsamples import ShardReadError, count_tar_samples
-from lvvit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lvvit.digest import file_sha256
 from lvvit.labeling.labeler import CHANNEL_ORDERS, PRECISIONS, Labeler, ShardResult
 from lvvit.labeling.onnx_file import Limits, add_limit_args, limits_from_args

@@ -22,10 +22,9 @@ from PIL import UnidentifiedImageError
 from torch import nn
 
 from lvvit import atomic
+from lvvit.data.decode import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, normalize, open_image
 from lvvit.data.labelmap import LabelMap, encode_tlm
-from lvvit.data.pipeline import SkippedSample
-from lvvit.data.tarsamples import ShardReadError, TarSample, add_member, new_member
-from lvvit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, normalize, open_image
+from lvvit.data.tarsamples import ShardReadError, SkippedSample, TarSample, add_member, new_member
 from lvvit.labeling.teacher import check_logits, dense_topk
 
 log = logging.getLogger(__name__)

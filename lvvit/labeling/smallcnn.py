@@ -3,7 +3,7 @@
 Trained as a plain classifier (global average pooling, then ``fc``); at labeling time
 ``fc`` runs at every location of ``features`` (see ``DenseCNNTeacher``), giving a
 score map with stride ``2 ** len(widths)``. The labeler feeds RGB crops normalised by
-``lvvit.data.transforms.normalize`` (ImageNet mean/std), so train it on the same.
+``lvvit.data.decode.normalize`` (ImageNet mean/std), so train it on the same.
 
 Checkpoint format (``save_small_cnn``): a ``torch.save`` dict holding only tensors and
 plain values, so it loads with ``weights_only=True``::

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from lvvit.data.transforms import normalize
+from lvvit.data.decode import normalize
 
 
 @torch.no_grad()

@@ -118,7 +118,7 @@ def ema_from_file(args: argparse.Namespace, num_classes: int, module: torch.nn.M
 def build_objective(args: argparse.Namespace, num_classes: int, engine, device: torch.device) -> Objective:
     """Loss and target geometry for ``train_step``; the token grid is the model's own
     (``img_size // patch_size``)."""
-    from lvvit.loss import TokenLabelingLoss
+    from lvvit.train.loss import TokenLabelingLoss
 
     loss_fn = TokenLabelingLoss(cls_weight=args.cls_weight, dense_weight=args.dense_weight,
                                 smoothing=args.smoothing, ground_truth=args.ground_truth)
@@ -158,8 +158,8 @@ def ema_for(args: argparse.Namespace, num_classes: int, module: torch.nn.Module)
 
 def train_batches(trainer: Trainer, epoch: int, skip_steps: int):
     """This epoch's remaining micro batches, drawn with ``train_seed``."""
-    from lvvit.data.pipeline import train_loader
-    from lvvit.data.transforms import RandAugment
+    from lvvit.loader.pipeline import train_loader
+    from lvvit.loader.transforms import RandAugment
 
     a, t = trainer.args, trainer
     ops = C.RANDAUG_OPS.get(a.model, 2) if a.randaug_ops is None else a.randaug_ops
@@ -269,7 +269,7 @@ class Trainer:
 
     def eval_batches(self):
         """A fresh eval loader, its first batch fetched with the preemption signals blocked."""
-        from lvvit.data.pipeline import eval_loader
+        from lvvit.loader.pipeline import eval_loader
 
         a = self.args
         return self.preemption.shielded(eval_loader(

@@ -1,7 +1,7 @@
 """Training and evaluation loaders over WebDataset shards.
 
 Training: ``resampled=True`` shards split by node and worker, a shuffle buffer, the
-per-sample :class:`~lvvit.data.transforms.TrainTransform` in DataLoader workers, batches
+per-sample :class:`~lvvit.loader.transforms.TrainTransform` in DataLoader workers, batches
 built in the workers, and ``with_epoch`` so every rank runs exactly
 ``total // (batch_size * world_size)`` steps per epoch (ZeRO-3 hangs otherwise).
 
@@ -21,7 +21,7 @@ timed out) is skipped the same way and reported by URL with key ``<shard>``; in 
 where a silent skip would change the metric, it is an error naming the URL (a local
 shard that cannot be opened too). A missing local shard is an error that names it when the
 source is resolved. The workers end with their rank on every exit path
-(:mod:`lvvit.data.workers`).
+(:mod:`lvvit.loader.workers`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import random
 import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -41,11 +41,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.utils import pytorch_worker_info
 
+from lvvit.data.decode import EvalTransform
 from lvvit.data.labelmap import LabelMapError, decode_tlm
 from lvvit.data.source import ShardSource, ShardUnavailable, as_source
-from lvvit.data.tarsamples import read_tar_samples
-from lvvit.data.transforms import EvalTransform, RandAugment, TrainTransform
-from lvvit.data.workers import worker_init
+from lvvit.data.tarsamples import SHARD_KEY, SkippedSample, read_tar_samples
+from lvvit.loader.transforms import RandAugment, TrainTransform
+from lvvit.loader.workers import worker_init
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +67,6 @@ SKIPPED = "_skipped"
 """Batch key carrying skip records from the workers; :class:`BatchLoader` pops it."""
 
 
-SHARD_KEY = "<shard>"
-"""``SkippedSample.key`` of a whole shard that could not be read."""
-
-
-class SkippedSample(NamedTuple):
-    """A sample (or, with key ``<shard>``, a whole shard) left out, and why; the one skip
-    record of the loaders and the labeler."""
-
-    shard: str
-    key: str
-    reason: str
 
 
 def _field(sample: dict[str, Any], name: str) -> bytes:
