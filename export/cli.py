@@ -26,6 +26,7 @@ import torch
 
 from lvvit.data.decode import IMAGENET_MEAN, IMAGENET_STD, normalize
 from lvvit.digest import file_sha256
+from lvvit.errors import exits_on_error
 from lvvit.models import LVViT
 from lvvit.train.options import AT_LEAST_0, AT_LEAST_1, POSITIVE, PROBABILITY, Range, check_ranges
 from lvvit.train.preemption import Terminated, raise_on_sigterm
@@ -179,7 +180,7 @@ def resolve_spec(args: argparse.Namespace, model_args: dict) -> ModelSpec:
     recorded = spec_from_model_args(model_args)
     overrides = dict(recorded.get("overrides", {}))
     if args.model_arg:
-        from lvvit.train.config import parse_model_args
+        from lvvit.train.cli import parse_model_args
 
         overrides.update(parse_model_args(args.model_arg))
     for key in ("embed_dim", "depth", "num_heads", "stem_width"):
@@ -463,14 +464,16 @@ def main(argv: list[str] | None = None) -> None:
         root.addHandler(handler)
     root.setLevel(logging.INFO)
     raise_on_sigterm()  # a killed export unwinds: the staging folder is removed on the way out
-    try:
-        sys.exit(run(args))
-    except ExportError as err:
-        print(f"lvvit-export: error: {err}", file=sys.stderr)
-        sys.exit(1)
-    except Terminated:
-        print("lvvit-export: terminated (SIGTERM); nothing written", file=sys.stderr)
-        sys.exit(128 + signal.SIGTERM)
+    with exits_on_error():  # our other errors (a checkpoint, a shard source): their one line
+        try:
+            code = run(args)
+        except ExportError as err:
+            print(f"lvvit-export: error: {err}", file=sys.stderr)
+            code = 1
+        except Terminated:
+            print("lvvit-export: terminated (SIGTERM); nothing written", file=sys.stderr)
+            code = 128 + signal.SIGTERM
+    sys.exit(code)
 
 
 if __name__ == "__main__":

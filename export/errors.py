@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from lvvit.errors import LvvitError
 
-class ExportError(RuntimeError):
+
+class ExportError(LvvitError, RuntimeError):
     """A bad input or a failed check; the message names the file or setting at fault."""
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from lvvit.errors import first_line
+from lvvit.errors import ConfigError, LvvitError, first_line
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -38,11 +38,11 @@ OPT_LEVELS = {
 EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
 
 
-class ProviderUnavailable(RuntimeError):
+class ProviderUnavailable(ConfigError, RuntimeError):
     """The requested execution provider is not in this ONNX Runtime build."""
 
 
-class SessionError(ValueError):
+class SessionError(LvvitError, ValueError):
     """ONNX Runtime refused to load a model; the message names the model and the cause."""
 
     def __init__(self, message: str, reason: str) -> None:

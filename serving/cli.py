@@ -30,6 +30,7 @@ from mlserver import MLServer
 from mlserver.cli.serve import load_settings
 from mlserver.logging import configure_logger, logger
 
+from lvvit.errors import ConfigError, exits_on_error
 from lvvit.onnxrt import PROVIDERS, ProviderUnavailable
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -82,13 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from_args(args: argparse.Namespace) -> ServeOptions:
+    """The checked :class:`ServeOptions` of the command line; a value out of range is a
+    ``ConfigError`` naming the flag."""
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.model_name):
-        raise SystemExit(f"lvvit-serve: --model-name {args.model_name!r}: use letters, digits, _ . -")
+        raise ConfigError(f"lvvit-serve: --model-name {args.model_name!r}: use letters, digits, _ . -")
     for flag in ("max_batch_size", "max_request_mb", "max_image_mpix", "max_request_mpix", "read_timeout_s"):
         if not (math.isfinite(getattr(args, flag)) and getattr(args, flag) > 0):
-            raise SystemExit(f"lvvit-serve: --{flag.replace('_', '-')} must be positive and finite")
+            raise ConfigError(f"lvvit-serve: --{flag.replace('_', '-')} must be positive and finite")
     if min(args.max_batch_delay_ms, args.workers, args.threads, args.decode_threads) < 0:
-        raise SystemExit("lvvit-serve: --max-batch-delay-ms, --workers, --threads and "
+        raise ConfigError("lvvit-serve: --max-batch-delay-ms, --workers, --threads and "
                          "--decode-threads must be >= 0")
     return ServeOptions(
         model_name=args.model_name, host=args.host, http_port=args.http_port,
@@ -111,7 +114,7 @@ def check_workers_supported(workers: int) -> None:
     except PackageNotFoundError:
         return
     if tuple(int(p) for p in re.findall(r"\d+", installed)[:2]) >= (0, 22):
-        raise SystemExit(
+        raise ConfigError(
             f"lvvit-serve: --workers {workers} needs uvloop < 0.22: MLServer's worker processes "
             f"crash at start with uvloop {installed} (SeldonIO/MLServer#2286). "
             "Install 'uvloop<0.22', or serve in-process with --workers 0 (the default)."
@@ -153,13 +156,20 @@ async def serve(settings_dir: Path, opts: ServeOptions) -> bool:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     configure_logger()
+    with exits_on_error():
+        code = serve_model_dir(args)
+    sys.exit(code)
+
+
+def serve_model_dir(args: argparse.Namespace) -> int:
+    """Check the options and the export folder, then serve until a stop signal; the exit status."""
     opts = options_from_args(args)
     check_workers_supported(opts.workers)
     try:
         model_dir = load_model_dir(args.model_dir)
         serving_providers(opts.provider)
-    except (ModelDirError, ProviderUnavailable) as err:
-        raise SystemExit(f"lvvit-serve: {err}") from None
+    except (ModelDirError, ProviderUnavailable) as err:  # --model-dir, --provider: named as the server's
+        raise ConfigError(f"lvvit-serve: {err}") from None
     if model_dir.max_batch is not None and opts.max_batch_size > model_dir.max_batch:
         logger.warning("--max-batch-size %d is above the export's max_batch %d (model.json); "
                        "ONNX Runtime copes, a TensorRT profile would not",
@@ -177,8 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     if not clean:
         logger.error("lvvit-serve: the server stopped without a stop signal "
                      "(see the model loading error above)")
-        sys.exit(1)
+        return 1
     logger.info("lvvit-serve: stopped cleanly")
+    return 0
 
 
 if __name__ == "__main__":

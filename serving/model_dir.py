@@ -11,13 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lvvit import jsonload
+from lvvit.errors import LvvitError
 
 INPUT_DTYPES = ("float32", "uint8")
 REQUIRED_KEYS = ("img_size", "num_classes", "crop_pct", "mean", "std", "input_name",
                  "input_dtype", "output_name")
 
 
-class ModelDirError(ValueError):
+class ModelDirError(LvvitError, ValueError):
     """The folder is not a usable export: the message names the file and key at fault."""
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -19,10 +20,18 @@ from PIL import Image
 from lvvit.data.labelmap import decode_tlm
 from lvvit.data.shards import BuildConfig, build_shards
 from lvvit.data.tarsamples import TarSample, iter_tar_samples
+from lvvit.errors import ConfigError
+from lvvit.labeling.cli import SETTINGS_FILE, check_settings, parse_args
+from lvvit.labeling.cli import label as label_job
 from lvvit.labeling.cli import main as label_main
 from lvvit.labeling.labeler import Labeler, eval_box
 from lvvit.labeling.smallcnn import SmallCNN, SmallCNNConfig, load_small_cnn, save_small_cnn
-from lvvit.labeling.teacher import DenseCNNTeacher, LVViTDenseTeacher, build_teacher
+from lvvit.labeling.teacher import (
+    DenseCNNTeacher,
+    LVViTDenseTeacher,
+    TeacherOutputError,
+    build_teacher,
+)
 from lvvit.models import ClassCountMismatch, create_model
 from lvvit.ports import free_port
 
@@ -351,8 +360,8 @@ def test_killed_run_resumes_without_trusting_its_temp_file(tmp_path, teacher_fil
     assert json.loads((out / "manifest.json").read_text())["total"] == 9
 
     # Resuming with other settings would mix two kinds of labels in one folder: refused.
-    with pytest.raises(SystemExit, match="topk differ"):
-        label_main([*args, "--topk", "3"])
+    with pytest.raises(ConfigError, match=rf"^{out} holds labels made with other settings \(topk differ"):
+        label_job(parse_args([*args, "--topk", "3"]))
 
 
 def test_damaged_input_shards_are_reported_and_others_finish(tmp_path, teacher_file, caplog):
@@ -400,8 +409,8 @@ def test_label_image_folder_split_over_ranks(tmp_path, teacher_file, monkeypatch
         "--topk", "2", "--shard-size", "3", "--prefix", "pets", "--no-progress", "--workers", "1",
     ]
     # A teacher of 10 classes cannot label 2: refused on its first batch, nothing written.
-    with pytest.raises(SystemExit, match=r"smallcnn\.pt: the teacher's output has 10 classes, the dataset has 2"):
-        label_main([*args, "--teacher-checkpoint", str(teacher_file)])
+    with pytest.raises(TeacherOutputError, match=r"smallcnn\.pt: the teacher's output has 10 classes, the dataset has 2"):
+        label_job(parse_args([*args, "--teacher-checkpoint", str(teacher_file)]))
     assert not out.exists() or not any(out.iterdir())
     args += ["--teacher-checkpoint", str(_small_cnn_file(tmp_path / "pets.pt", 2))]
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -456,3 +465,48 @@ def test_label_image_folder_split_over_ranks(tmp_path, teacher_file, monkeypatch
             decode_tlm(tlm).values.astype(np.float32), decode_tlm(folder_tlm[key]).values.astype(np.float32),
             rtol=1e-3, atol=1e-5,
         )
+
+
+def exit_line(capsys, call) -> str:
+    """What an entry point does with our error: status 1 and the message as the last line of
+    stderr (returned), no traceback."""
+    with pytest.raises(SystemExit) as exited:
+        call()
+    assert exited.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def test_settings_of_another_job_or_unreadable_are_refused_by_file(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    check_settings(out, {"topk": 5})  # nothing recorded yet: any settings go
+    path = out / SETTINGS_FILE
+    path.write_text('{"topk": 5, "img_size": 32}')
+    check_settings(out, {"topk": 5, "img_size": 32})
+    with pytest.raises(ConfigError, match=re.escape(f"{out} holds labels made with other settings (img_size, topk "
+                                                    f"differ, see {path}); choose another --out or empty it")):
+        check_settings(out, {"topk": 3, "img_size": 64})
+    for text, problem in (("[5]", "expected a JSON object, got an array"), ("{", "not valid JSON"),
+                          ('{"topk": 5, "topk": 3}', "key 'topk' appears twice")):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: {re.escape(problem)}.*"
+                                              "; choose another --out or empty it$"):
+            check_settings(out, {"topk": 5})
+
+
+def test_a_refused_command_line_is_one_line_and_status_1(tmp_path, capsys, teacher_file):
+    _make_shards(tmp_path / "in")
+    args = ["--input", str(tmp_path / "in"), "--out", str(tmp_path / "in"), "--teacher", "smallcnn",
+            "--teacher-checkpoint", str(teacher_file), "--no-progress"]
+    with pytest.raises(ConfigError, match=r"^--out must differ from --input: input shards are never overwritten$"):
+        label_job(parse_args(args))
+    assert exit_line(capsys, lambda: label_main(args)) == (
+        "--out must differ from --input: input shards are never overwritten")
+    args[3] = str(tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"^--max-teacher-tensor-mib -1\.0: must be a positive number$"):
+        label_job(parse_args([*args, "--max-teacher-tensor-mib", "-1"]))
+    with pytest.raises(ConfigError, match=r"^--shard-retries -1: must be >= 0$"):
+        label_job(parse_args([*args, "--shard-retries", "-1"]))
+    assert not (tmp_path / "out").exists()

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,11 +24,15 @@ from test_labeling import (
     _launch_two_ranks,
     _make_shards,
     _members,
+    exit_line,
 )
 from torch import nn
 
 from lvvit.data.labelmap import decode_tlm
+from lvvit.errors import ConfigError
+from lvvit.labeling.cli import label as label_job
 from lvvit.labeling.cli import main as label_main
+from lvvit.labeling.cli import parse_args
 from lvvit.labeling.labeler import Labeler
 from lvvit.labeling.onnx_teacher import (
     DenseRewriteError,
@@ -133,12 +138,12 @@ def test_classifier_made_dense_averages_to_its_logits(tmp_path, head, opset, cha
 
 
 @pytest.mark.parametrize(("head", "op"), [("hardswish", "HardSwish"), ("softmax", "Softmax"), ("attention", "ReduceSum")])
-def test_head_that_cannot_be_made_dense_is_refused_by_op(tmp_path, head, op):
+def test_head_that_cannot_be_made_dense_is_refused_by_op(tmp_path, head, op, capsys):
     path = export(make_net(head), tmp_path / f"{head}.onnx")
     with pytest.raises(DenseRewriteError, match=rf"{head}\.onnx: {op} .*sits between the pooling and the output"):
         make_dense(load_model(path), str(path))
-    with pytest.raises(SystemExit, match=rf"{head}\.onnx: {op} "):  # the same one line from the CLI
-        label_main(["dense-teacher", str(path), str(tmp_path / "out.onnx")])
+    line = exit_line(capsys, lambda: label_main(["dense-teacher", str(path), str(tmp_path / "out.onnx")]))
+    assert re.match(rf"{re.escape(str(path))}: {op} .*sits between the pooling and the output", line)  # one line
     assert not (tmp_path / "out.onnx").exists()
 
 
@@ -154,6 +159,8 @@ def test_dense_teacher_command_writes_the_checked_graph(tmp_path, capsys):
     x = torch.randn(2, 3, IMG_SIZE, IMG_SIZE)
     out = make_session(dense, "dense.onnx").run(None, {"images": x.numpy()})[0]
     np.testing.assert_allclose(out, net.dense(x).detach().numpy(), atol=1e-4)
+    same = ["dense-teacher", str(src), str(src)]
+    assert exit_line(capsys, lambda: label_main(same)) == "OUT must differ from IN: the classifier is kept"
 
 
 def test_fp16_and_fixed_batch_graphs(tmp_path):
@@ -289,20 +296,20 @@ def test_onnx_teacher_on_two_ranks_matches_torch_teacher(tmp_path, smallcnn):
     assert settings["img_size"] == IMG_SIZE and settings["channel_order"] == "rgb" and settings["layout"] == "nchw"
     # Other input conventions on resume would mix two kinds of maps: refused by name.
     onnx_args = [*common, "--out", str(tmp_path / "onnx"), "--teacher", f"onnx:{onnx_file}"]
-    with pytest.raises(SystemExit, match="channel_order, mean differ"):
-        label_main([*onnx_args, "--mean", "0.5", "0.5", "0.5", "--channel-order", "bgr"])
-    with pytest.raises(SystemExit, match=r"the graph's input is 32 px, --img-size is 64"):
-        label_main([*onnx_args, "--img-size", "64"])
+    with pytest.raises(ConfigError, match=r"holds labels made with other settings \(channel_order, mean differ"):
+        label_job(parse_args([*onnx_args, "--mean", "0.5", "0.5", "0.5", "--channel-order", "bgr"]))
+    with pytest.raises(ConfigError, match=rf"^{onnx_file}: the graph's input is 32 px, --img-size is 64$"):
+        label_job(parse_args([*onnx_args, "--img-size", "64"]))
 
 
 def test_teacher_flags_are_checked(tmp_path, smallcnn):
     checkpoint, onnx_file = smallcnn
     base = ["--input", str(tmp_path), "--out", str(tmp_path / "out")]
-    with pytest.raises(SystemExit, match="--teacher smallcnn needs --teacher-checkpoint"):
-        label_main([*base, "--teacher", "smallcnn"])
-    with pytest.raises(SystemExit, match="--teacher-checkpoint, --precision fp16: not used with --teacher onnx:"):
-        label_main([*base, "--teacher", f"onnx:{onnx_file}", "--teacher-checkpoint", str(checkpoint),
-                    "--precision", "fp16"])
+    with pytest.raises(ConfigError, match=r"^--teacher smallcnn needs --teacher-checkpoint"):
+        label_job(parse_args([*base, "--teacher", "smallcnn"]))
+    with pytest.raises(ConfigError, match=r"^--teacher-checkpoint, --precision fp16: not used with --teacher onnx:"):
+        label_job(parse_args([*base, "--teacher", f"onnx:{onnx_file}", "--teacher-checkpoint", str(checkpoint),
+                          "--precision", "fp16"]))
     with pytest.raises(OnnxTeacherError, match="--onnx-provider cuda: ONNX Runtime here has"):
         load_onnx_teacher(onnx_file, IMG_SIZE, provider="cuda")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from lvvit.errors import ConfigError
 from lvvit.train.output_lock import LOCK_FILE, OutputLock, lock_output
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +25,7 @@ def test_a_second_run_is_refused_and_a_dead_holders_lock_taken_over(tmp_path, ca
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(SystemExit) as refused:
+        with pytest.raises(ConfigError) as refused:
             lock_output(tmp_path, rank=0)
         assert f"host {socket.gethostname()} pid {holder.pid}" in str(refused.value)
         assert f"--output {tmp_path} is in use" in str(refused.value)

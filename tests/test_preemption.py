@@ -25,6 +25,7 @@ from test_train import COMMON, REPO, command, ds_config, write_shards
 from lvvit.loader.pipeline import train_loader
 from lvvit.train.loop import train_seed
 from lvvit.train.preemption import PREEMPTED_EXIT
+from lvvit.train.sample_log import read_sample_log
 from lvvit.train.schedule import WarmupCosineSchedule
 
 pytestmark = pytest.mark.slow
@@ -165,12 +166,18 @@ def test_sigterm_to_the_launcher_checkpoints_at_the_next_step(shards, tmp_path):
 def test_sigusr1_to_one_rank_stops_both_and_resume_auto_finishes(shards, tmp_path):
     """SIGUSR1 to rank 1 alone: both ranks stop at the same step (rank 0 had no signal), the
     ranks exit 75 and the launcher passes that on. ``--resume auto`` then trains every step
-    of the schedule exactly once (none lost, none repeated) and closes the same MLflow run."""
+    of the schedule exactly once (none lost, none repeated) and closes the same MLflow run.
+
+    Exact resume (``--sampling epoch``, 2 loader workers per rank): the step -> sample keys
+    logs of the interrupted-and-resumed run equal an uninterrupted run's on both ranks, each
+    epoch covers every sample exactly once, and the final weights are equal."""
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     out = tmp_path / "usr1"
-    args = args_for(out, shards, ds_config(tmp_path, 2), "--resume", "auto", "--save-every", "4")
+    exact = ["--sampling", "epoch", "--workers", "2"]
+    args = args_for(out, shards, ds_config(tmp_path, 2), "--resume", "auto", "--save-every", "4", *exact,
+                    "--sample-log", str(out / "samples"))
     run = Run(args, uri, tmp_path / "usr1.log")
     signalled, sent = signal_mid_epoch(run, lambda: run.rank(1).send_signal(signal.SIGUSR1), after_step=6)
     code, ended = run.finish()
@@ -202,6 +209,23 @@ def test_sigusr1_to_one_rank_stops_both_and_resume_auto_finishes(shards, tmp_pat
     final = tag_state(out / "checkpoints" / f"step{TOTAL_STEPS:08d}")
     assert final["global_steps"] == TOTAL_STEPS and final["lvvit"]["epoch"] == 2
     assert (out / "weights.pth").is_file()
+
+    whole = tmp_path / "whole"
+    cmd, env = command(args_for(whole, shards, ds_config(tmp_path, 2), "--no-mlflow", *exact,
+                                "--sample-log", str(whole / "samples")), None)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    logs = [read_sample_log(out / "samples" / f"rank{r}.jsonl") for r in (0, 1)]
+    assert logs == [read_sample_log(whole / "samples" / f"rank{r}.jsonl") for r in (0, 1)]
+    assert all(sorted(log) == list(range(1, TOTAL_STEPS + 1)) for log in logs)
+    for epoch in range(2):  # 192 samples = 12 steps x 2 ranks x 8: every one once, none left out
+        keys = [k for log in logs for step in range(12 * epoch + 1, 12 * epoch + 13) for k in log[step]]
+        assert len(keys) == len(set(keys)) == 192
+    resumed, uninterrupted = (torch.load(d / "weights.pth", map_location="cpu", weights_only=True)
+                              for d in (out, whole))
+    for part in ("state_dict", "state_dict_ema"):
+        assert resumed[part].keys() == uninterrupted[part].keys() and len(resumed[part]) > 10
+        assert all(torch.equal(resumed[part][k], uninterrupted[part][k]) for k in resumed[part]), part
 
 
 def processes_of(run: Run) -> list[psutil.Process]:
@@ -290,9 +314,10 @@ def test_resumed_epoch_is_reseeded_never_replayed(shards):
     (["--preempt-grace", "0"], "--preempt-grace 0.0: must be > 0"),
 ])
 def test_preemption_options_are_checked(flags, message, capsys):
-    from lvvit.train.config import parse_args
+    from lvvit.train.cli import parse_config
 
     with pytest.raises(SystemExit) as exit_:
-        parse_args(["--train-shards", "x", *flags])
+        parse_config(["--train-shards", "x", *flags])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
-    assert parse_args(["--train-shards", "x", "--preempt-signals", "usr1,TERM"]).preempt_signals == "usr1,TERM"
+    config = parse_config(["--train-shards", "x", "--preempt-signals", "usr1,TERM"])
+    assert config.preemption.signals == (signal.SIGUSR1, signal.SIGTERM)

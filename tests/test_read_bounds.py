@@ -6,7 +6,6 @@ child from ``os.wait4``), a real http.server on 127.0.0.1, real shell commands."
 
 from __future__ import annotations
 
-import argparse
 import functools
 import http.server
 import io
@@ -28,6 +27,7 @@ from test_pipeline import JPEG, write_shards
 from lvvit.data.cli import main as shards_main
 from lvvit.data.labelmap import HEADER_SIZE
 from lvvit.data.source import Access, ShardUnavailable, open_url, resolve
+from lvvit.errors import DataError
 from lvvit.labeling.cli import main as label_main
 from lvvit.train.config import open_source
 
@@ -86,8 +86,7 @@ def test_file_names_in_a_folder_never_run(hostile_folder: Path, tmp_path: Path, 
                                           monkeypatch) -> None:
     monkeypatch.chdir(hostile_folder)
     assert _info(".") == 1  # the two non-tars are damaged shards, read as files
-    source = open_source("--train-shards", ".", None,  # what train.py resolves --train-shards with
-                         argparse.Namespace(shard_timeout=5, shard_retries=0, shard_deadline=None, shard_cache=None))
+    source = open_source("--train-shards", ".", None, Access(5, 0))  # what train.py resolves --train-shards with
     assert all(url.startswith(str(hostile_folder)) for url in source.urls)
     assert label_main(_label_args(".", tmp_path / "labeled", "smallcnn", teacher_file)) != 0
     _no_markers(hostile_folder)
@@ -168,9 +167,8 @@ def test_the_training_loader_refuses_a_streamed_member_by_its_declared_size(
                                                   (1000, "bytes can hold")])
 def test_absurd_manifest_counts_are_refused(tmp_path: Path, samples: int, message: str) -> None:
     folder = write_shards(tmp_path / "s", [2], tlm=False, manifest_counts=[samples])
-    with pytest.raises(SystemExit, match=message) as refused:
-        open_source("--train-shards", str(folder), None,
-                    argparse.Namespace(shard_timeout=5, shard_retries=0, shard_deadline=None, shard_cache=None))
+    with pytest.raises(DataError, match=message) as refused:
+        open_source("--train-shards", str(folder), None, Access(5, 0))
     assert "manifest.json" in str(refused.value) and "s-000000.tar" in str(refused.value)
 
 

@@ -218,7 +218,9 @@ def test_the_shard_cache_downloads_each_shard_once(shards: Path, server: Server,
 
 
 def test_no_reachable_manifest_trains_with_steps_per_epoch(shards: Path, server: Server) -> None:
-    from lvvit.train.config import parse_args, prepare
+    from lvvit.errors import ConfigError, DataError
+    from lvvit.train.cli import parse_config
+    from lvvit.train.config import prepare
 
     (shards / "manifest.json").unlink()
     spec = f"{server.url}/s-{{000000..000002}}.tar"
@@ -232,12 +234,12 @@ def test_no_reachable_manifest_trains_with_steps_per_epoch(shards: Path, server:
         eval_loader(source, batch_size=2)
     base = ["--train-shards", spec, "--deepspeed_config", str(Path(__file__).parents[1] / "ds_configs" / "cpu.json"),
             "--shard-retries", "0", "--micro-batch", "2"]
-    assert prepare(parse_args([*base, "--steps-per-epoch", "3"]), 1).steps_per_epoch == 3
-    with pytest.raises(SystemExit, match="pass --steps-per-epoch"):
-        prepare(parse_args(base), 1)
+    assert prepare(parse_config([*base, "--steps-per-epoch", "3"]), 1).steps_per_epoch == 3
+    with pytest.raises(ConfigError, match="pass --steps-per-epoch"):
+        prepare(parse_config(base), 1)
     shutil.copy(shards / "classes.json", shards / "m.json")  # not a manifest: refused by field
-    with pytest.raises(SystemExit, match=r"m\.json: expected an object with a 'shards' list"):
-        prepare(parse_args([*base, "--train-manifest", f"{server.url}/m.json"]), 1)
+    with pytest.raises(DataError, match=r"m\.json: expected an object with a 'shards' list"):
+        prepare(parse_config([*base, "--train-manifest", f"{server.url}/m.json"]), 1)
 
 
 # ---------------------------------------------------------------- train.py, two ranks

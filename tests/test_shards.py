@@ -293,3 +293,27 @@ def test_info_prints_shape(built, capsys):
         main(["info", str(out)])
     text = capsys.readouterr().out
     assert "samples: 10" in text and "k=5 H=4 W=4" in text
+
+
+def test_access_options_out_of_range_are_one_line_naming_the_option(built, capsys):
+    import argparse
+
+    from lvvit.data.cli import access_from_args
+    from lvvit.errors import ConfigError
+
+    def access(timeout=5.0, retries=0, deadline=None):
+        return access_from_args(argparse.Namespace(shard_timeout=timeout, shard_retries=retries,
+                                                   shard_deadline=deadline))
+
+    assert access().retries == 0
+    with pytest.raises(ConfigError, match=r"^--shard-timeout 0\.0: must be a finite number > 0$"):
+        access(timeout=0.0)
+    with pytest.raises(ConfigError, match=r"^--shard-deadline nan: must be a finite number > 0$"):
+        access(deadline=float("nan"))
+    with pytest.raises(ConfigError, match=r"^--shard-retries -1: must be >= 0$"):
+        access(retries=-1)
+    out, _ = built
+    with pytest.raises(SystemExit) as exit_info:  # the entry point: status 1, the message alone
+        main(["info", str(out), "--shard-retries", "-1"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines() == ["--shard-retries -1: must be >= 0"]

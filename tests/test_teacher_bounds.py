@@ -20,10 +20,13 @@ import pytest
 import torch
 from conftest import run_measured
 from onnx import TensorProto, helper, numpy_helper
-from test_labeling import IMG_SIZE, NUM_CLASSES, _make_shards
+from test_labeling import IMG_SIZE, NUM_CLASSES, _make_shards, exit_line
 from torch import nn
 
+from lvvit.errors import ConfigError
+from lvvit.labeling.cli import label as label_job
 from lvvit.labeling.cli import main as label_main
+from lvvit.labeling.cli import parse_args
 from lvvit.labeling.labeler import Labeler
 from lvvit.labeling.onnx_file import (
     MAX_LOOP_TRIPS,
@@ -198,14 +201,14 @@ OUTPUTS = {
 
 
 @pytest.mark.parametrize("name", list(OUTPUTS))
-def test_output_that_cannot_be_labels_is_refused_before_anything_is_written(tmp_path, shards, name):
+def test_output_that_cannot_be_labels_is_refused_before_anything_is_written(tmp_path, shards, name, capsys):
     build, message = OUTPUTS[name]
     teacher = tmp_path / f"{name}.onnx"
     onnx.save(build(), str(teacher))
     out = tmp_path / "out"
-    with pytest.raises(SystemExit, match=rf"^{teacher}: {message}"):
-        label_main(["--input", str(shards), "--out", str(out), "--teacher", f"onnx:{teacher}",
-                    "--workers", "1", "--no-progress"])
+    argv = ["--input", str(shards), "--out", str(out), "--teacher", f"onnx:{teacher}", "--workers", "1",
+            "--no-progress"]
+    assert re.match(rf"^{teacher}: {message}", exit_line(capsys, lambda: label_main(argv)))  # one line, status 1
     _assert_out_empty(out)
 
 
@@ -214,8 +217,8 @@ def test_num_classes_is_the_count_without_classes_json_and_must_agree_with_it(tm
     onnx.save(_dense_graph([helper.make_node("Identity", ["dense"], ["out"])], []), str(teacher))
     base = ["--input", str(shards), "--out", str(tmp_path / "out"), "--teacher", f"onnx:{teacher}",
             "--workers", "1", "--no-progress"]
-    with pytest.raises(SystemExit, match=r"--num-classes 1000, but classes.json of .* lists 10 classes"):
-        label_main([*base, "--num-classes", "1000"])
+    with pytest.raises(ConfigError, match=r"^--num-classes 1000, but classes.json of .* lists 10 classes$"):
+        label_job(parse_args([*base, "--num-classes", "1000"]))
     _assert_out_empty(tmp_path / "out")
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lvvit.errors import ConfigError
 from lvvit.ports import free_port
 from lvvit.train.checkpointing import Checkpointer, SavePolicy, step_tag
 from lvvit.train.ema import ModelEma
@@ -85,7 +86,7 @@ def test_resume_refuses_another_global_batch_naming_both(tmp_path):
     saver.engine.global_steps = 5
     saver.save({})
     other = checkpointer(tmp_path, 32)
-    with pytest.raises(SystemExit) as err:
+    with pytest.raises(ConfigError) as err:
         other.resume("latest")
     message = str(err.value)
     assert "global batch 16" in message and "this run's is 32" in message and step_tag(5) in message

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 
+from lvvit.errors import ConfigError, DataError
 from lvvit.models import create_model
+from lvvit.train.cli import build_parser, parse_config
 from lvvit.train.config import (
-    build_parser,
+    CheckpointConfig,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    TrackingConfig,
+    TrainConfig,
     open_source,
-    parse_args,
     peak_lr,
     prepare,
     resolve_batch,
@@ -27,16 +34,26 @@ from lvvit.train.schedule import WarmupCosineSchedule
 def test_yaml_under_command_line(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("model: lvvit_l\nepochs: 30\nweight-decay: 1.0e-8\nmodel_arg: [depth=2]\n")
-    args = parse_args(["--config", str(cfg), "--train-shards", "x", "--epochs", "7"])
-    assert (args.model, args.epochs, args.weight_decay) == ("lvvit_l", 7, 1e-8)
-    assert args.model_overrides == {"depth": 2}
-    assert args.cooldown_epochs == 10 and args.ema_decay == 0.99992 and args.min_lr == 1e-5  # recipe
+    config = parse_config(["--config", str(cfg), "--train-shards", "x", "--epochs", "7"])
+    assert (config.model.name, config.schedule.epochs, config.optim.weight_decay) == ("lvvit_l", 7, 1e-8)
+    assert config.model.overrides == {"depth": 2} and config.config_file == cfg
+    assert config.schedule.cooldown_epochs == 10 and config.optim.ema_decay == 0.99992  # recipe
+    assert config.optim.min_lr == 1e-5
+    options = config.options()  # the MLflow params: option names as typed
+    assert (options["model"], options["epochs"], options["model_arg"], options["preempt_signals"]) == (
+        "lvvit_l", 7, {"depth": 2}, "SIGTERM,SIGUSR1")
+
+
+def test_typed_config_checks_combinations_without_a_command_line():
+    with pytest.raises(ConfigError, match="--train-shards is required"):
+        TrainConfig()
+    assert TrainConfig(data=DataConfig(train_shards="x")).schedule.total_epochs == 310
 
 
 def refusal(argv: list[str], capsys) -> str:
-    """The one line ``parse_args`` exits 2 with."""
+    """The one line ``parse_config`` exits 2 with."""
     with pytest.raises(SystemExit) as e:
-        parse_args(argv)
+        parse_config(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("train.py: error: "), err
     return err.strip()
@@ -82,21 +99,20 @@ def test_config_file_values_are_checked_as_data(text, message, tmp_path, capsys)
 
 def test_every_numeric_option_has_a_range():
     assert set(numeric_actions(build_parser())) == set(RANGES)
-    args = parse_args(["--train-shards", "x", "--lr", "1e-3", "--warmup-epochs", "0", "--ema-decay", "0"])
-    assert (args.lr, args.warmup_epochs, args.ema_decay, args.keep) == (1e-3, 0.0, 0.0, 3)
+    c = parse_config(["--train-shards", "x", "--lr", "1e-3", "--warmup-epochs", "0", "--ema-decay", "0"])
+    assert (c.optim.lr, c.schedule.warmup_epochs, c.optim.ema_decay, c.checkpoint.keep) == (1e-3, 0.0, 0.0, 3)
 
 
 def test_batch_sources_and_lr_scaling():
-    args = parse_args(["--train-shards", "x", "--model", "lvvit_l"])
-    plan = resolve_batch(args, {"train_micro_batch_size_per_gpu": 64, "gradient_accumulation_steps": 2}, 8)
+    plan = resolve_batch(OptimConfig(), {"train_micro_batch_size_per_gpu": 64, "gradient_accumulation_steps": 2}, 8)
     assert (plan.global_batch, plan.sources["micro_batch"]) == (1024, "deepspeed config")
-    assert peak_lr(args, plan.global_batch) == pytest.approx(1e-3)  # L's base rate at 1024
-    args = parse_args(["--train-shards", "x", "--micro-batch", "32"])
-    plan = resolve_batch(args, {"train_batch_size": 512}, 4)
+    assert peak_lr("lvvit_l", OptimConfig(), plan.global_batch) == pytest.approx(1e-3)  # L's base rate at 1024
+    config = parse_config(["--train-shards", "x", "--micro-batch", "32"])
+    plan = resolve_batch(config.optim, {"train_batch_size": 512}, 4)
     assert (plan.micro_batch, plan.grad_accum) == (32, 4)
     assert plan.sources == {"micro_batch": "command line", "grad_accum": "deepspeed config train_batch_size"}
-    assert peak_lr(args, plan.global_batch) == pytest.approx(1.6e-3 * 512 / 1024)
-    ds = resolve_ds_config(args, {"optimizer": {"type": "AdamW", "params": {"torch_adam": True}},
+    assert peak_lr(config.model.name, config.optim, plan.global_batch) == pytest.approx(1.6e-3 * 512 / 1024)
+    ds = resolve_ds_config(config, {"optimizer": {"type": "AdamW", "params": {"torch_adam": True}},
                                   "scheduler": {"type": "WarmupLR"}}, plan, 8e-4)
     assert ds["train_batch_size"] == 512 and ds["optimizer"]["params"] == {
         "torch_adam": True, "lr": 8e-4, "weight_decay": 0.05}
@@ -135,15 +151,20 @@ def test_no_weight_decay_set():
 ])
 def test_eval_only_needs_shards_and_one_source(extra, message, capsys):
     with pytest.raises(SystemExit):
-        parse_args(["--eval-only", *extra])
+        parse_config(["--eval-only", *extra])
     assert message in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=re.escape(message)):  # the same check without a command line
+        TrainConfig(data=DataConfig(eval_shards="v" if "--eval-shards" in extra else None),
+                    tracking=TrackingConfig(eval_only=True, eval="--no-eval" not in extra),
+                    checkpoint=CheckpointConfig(resume="latest" if "--resume" in extra else None),
+                    model=ModelConfig(finetune=Path("w.pth") if "--finetune" in extra else None))
 
 
 def test_eval_only_needs_no_train_shards():
-    args = parse_args(["--eval-only", "--eval-shards", "v", "--resume", "step00000008"])
-    assert args.eval_only and args.resume == "step00000008" and args.train_shards is None
+    c = parse_config(["--eval-only", "--eval-shards", "v", "--resume", "step00000008"])
+    assert c.tracking.eval_only and c.checkpoint.resume == "step00000008" and c.data.train_shards is None
     with pytest.raises(SystemExit):
-        parse_args(["--eval-shards", "v"])  # training still needs them
+        parse_config(["--eval-shards", "v"])  # training still needs them
 
 
 REPO_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "ds_configs").glob("*.json"))
@@ -186,7 +207,7 @@ def test_known_keys_come_from_deepspeed():
 def test_deepspeed_config_refused_naming_the_key(cfg, message, tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(cfg))
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ConfigError) as e:
         load_ds_config(path)
     text = str(e.value)
     assert text.startswith(f"--deepspeed_config {path}: ") and message in text and "\n" not in text
@@ -195,7 +216,7 @@ def test_deepspeed_config_refused_naming_the_key(cfg, message, tmp_path):
 def test_deepspeed_config_duplicate_key_refused(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text('{"zero_optimization": {"stage": 2}, "zero_optimization": {"stage": 0}}')
-    with pytest.raises(SystemExit, match="key 'zero_optimization' appears twice"):
+    with pytest.raises(ConfigError, match="key 'zero_optimization' appears twice"):
         load_ds_config(path)
 
 
@@ -216,14 +237,14 @@ def test_clip_grad_from_command_line_checked_too(capsys):
     ([], {"gradient_accumulation_steps": 0}, 1, "gradient_accumulation_steps: 0 is not a positive integer"),
 ])
 def test_batch_sizes_that_do_not_divide_are_refused(cli, ds, world, message):
-    args = parse_args(["--train-shards", "x", *cli])
-    with pytest.raises(SystemExit) as e:
-        resolve_batch(args, ds, world, origin="ds.json")
+    config = parse_config(["--train-shards", "x", *cli])
+    with pytest.raises(ConfigError) as e:
+        resolve_batch(config.optim, ds, world, origin="ds.json")
     assert message in str(e.value)
 
 
 def test_train_batch_size_alone_sets_the_micro_batch():
-    plan = resolve_batch(parse_args(["--train-shards", "x"]), {"train_batch_size": 64}, 2)
+    plan = resolve_batch(OptimConfig(), {"train_batch_size": 64}, 2)
     assert (plan.micro_batch, plan.grad_accum, plan.global_batch) == (32, 1, 64)
     assert plan.sources == {"micro_batch": "deepspeed config train_batch_size", "grad_accum": "default"}
 
@@ -242,11 +263,11 @@ def test_prepare_refuses_a_micro_batch_larger_than_the_data(tmp_path, monkeypatc
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     folder = shard_folder(tmp_path, 12)
     base = ["--train-shards", str(folder), "--deepspeed_config", str(REPO_CONFIGS[0].parent / "cpu.json")]
-    with pytest.raises(SystemExit) as e:
-        prepare(parse_args([*base, "--micro-batch", "8", "--steps-per-epoch", "5"]), 2)
+    with pytest.raises(ConfigError) as e:
+        prepare(parse_config([*base, "--micro-batch", "8", "--steps-per-epoch", "5"]), 2)
     assert str(e.value) == (f"{folder / 'manifest.json'}: 12 samples over 2 rank(s) are 6 per rank, fewer than one "
                             "micro batch of 8 (command line); lower --micro-batch")
-    run = prepare(parse_args([*base, "--micro-batch", "6"]), 2)
+    run = prepare(parse_config([*base, "--micro-batch", "6"]), 2)
     assert (run.plan.global_batch, run.steps_per_epoch, run.ds_config["train_batch_size"]) == (12, 1, 12)
 
 
@@ -256,7 +277,7 @@ DEEP_JSON = "[" * 10000 + "]" * 10000
 def test_deeply_nested_json_is_refused_in_one_line(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text('{"a": ' + DEEP_JSON + "}")
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ConfigError) as e:
         load_ds_config(path)
     assert str(e.value).startswith(f"--deepspeed_config {path}: nested deeper than 32 levels")
     # brackets inside strings do not count
@@ -277,7 +298,7 @@ def test_manifest_and_classes_are_read_as_bounded_data(manifest, classes, messag
         (folder / "manifest.json").write_text(manifest)
     if classes is not None:
         (folder / "classes.json").write_text(classes if isinstance(classes, str) else json.dumps(classes))
-    with pytest.raises(SystemExit) as e:
-        open_source("--train-shards", str(folder), None, parse_args(["--train-shards", str(folder)]))
+    with pytest.raises(DataError) as e:
+        open_source("--train-shards", str(folder), None, parse_config(["--train-shards", str(folder)]).data.access)
     assert str(e.value).startswith(f"--train-shards {folder}: ") and message in str(e.value)
     assert "\n" not in str(e.value)

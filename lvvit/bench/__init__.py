@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from lvvit.errors import exits_on_error
+
 BENCHMARKS = {
     "data": "decode + crop + flip pipeline vs the naive PIL path; label-map bytes vs official",
     "train": "DeepSpeed ZeRO-2 step time vs plain PyTorch, same model and optimizer",
@@ -23,4 +25,5 @@ def main(argv: list[str] | None = None) -> None:
         module = importlib.import_module(f"lvvit.bench.{name}")
         module.add_arguments(sub.add_parser(name, help=help_text, description=module.__doc__))
     args = parser.parse_args(argv)
-    importlib.import_module(f"lvvit.bench.{args.bench}").run(args)
+    with exits_on_error():
+        importlib.import_module(f"lvvit.bench.{args.bench}").run(args)

@@ -21,6 +21,12 @@ alternate the pipelines and the median round counts.
 disk and served by a loopback HTTP server that the benchmark starts, read by the real
 training loader (resampled shards, shuffle buffer, full train transform); wall-clock
 images/s of each, rounds alternating, and the ratio http / local.
+
+``--source sampling`` measures exact epochs (``train_loader(sampling="epoch")``): the
+loader's wall-clock images/s in epoch mode against resampled mode on the same shards,
+rounds alternating (ratio epoch / resampled), and the time to resume at the middle of an
+epoch of 1,000 tiny shards (construct the loader from the saved position, first batch out)
+against the time it took to read that half epoch (ratio resume / half epoch).
 """
 
 from __future__ import annotations
@@ -56,9 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per pipeline; the median counts (default 5)")
     parser.add_argument("--passes", type=int, default=2, help="passes over the images per round (default 2)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--source", choices=("memory", "http"), default="memory",
+    parser.add_argument("--source", choices=("memory", "http", "sampling"), default="memory",
                         help="memory: per-worker transform speed (default); http: the training loader over "
-                        "shards on local disk vs the same shards through a loopback HTTP server")
+                        "shards on local disk vs the same shards through a loopback HTTP server; sampling: "
+                        "exact epochs vs resampling, and the cost of resuming mid-epoch")
+    parser.add_argument("--resume-shards", type=int, default=1000,
+                        help="tiny shards in the resume measurement of --source sampling (default 1000)")
     parser.add_argument("--workers", type=int, default=2, help="loader processes with --source http (default 2)")
 
 
@@ -202,9 +211,98 @@ def run_http(args: argparse.Namespace) -> None:
     print(f"speed ratio (http / local; target >= 0.9x): {remote / local:.2f}x")
 
 
+def _sampling_rate(spec: str, args: argparse.Namespace, sampling: str, epochs: int) -> float:
+    """Wall-clock images/s over ``epochs`` iterations of the training loader (each one
+    epoch, workers started anew, as the trainer runs them)."""
+    from lvvit.loader.pipeline import train_loader
+
+    loader = train_loader(spec, batch_size=32, img_size=args.img_size, num_workers=args.workers,
+                          shuffle_buffer=256, seed=args.seed, label_maps=False, sampling=sampling, world_size=1)
+    start = time.perf_counter()
+    images = sum(batch["images"].shape[0] for _ in range(epochs) for batch in loader)
+    return images / (time.perf_counter() - start)
+
+
+def _first_batch_seconds(spec: str, kwargs: dict) -> float:
+    """Seconds from building the training loader to its first batch in hand (the loader's
+    workers are ended after the timing)."""
+    from lvvit.loader.pipeline import train_loader
+
+    start = time.perf_counter()
+    batches = iter(train_loader(spec, **kwargs))
+    next(batches)
+    seconds = time.perf_counter() - start
+    batches.close()
+    return seconds
+
+
+def tiny_jpeg(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def run_sampling(args: argparse.Namespace) -> None:
+    """Epoch vs resampled throughput, then resume at mid-epoch vs reading the half epoch."""
+    from lvvit.loader.pipeline import train_loader
+
+    torch.set_num_threads(1)
+    jpegs = sample_jpegs(args.images, args.seed)
+    with tempfile.TemporaryDirectory(prefix="lvvit-bench-") as tmp:
+        folder = Path(tmp) / "photos"
+        folder.mkdir()
+        write_bench_shards(folder, jpegs, per_shard=max(1, len(jpegs) // 8))
+        print(f"machine: {cpu_info()[0]}; {len(jpegs)} JPEGs in 8 shards, {args.workers} loader workers, "
+              f"batch 32 at {args.img_size}, shuffle buffer 256, {args.passes} epochs per round")
+        for sampling in ("epoch", "resampled"):  # warm-up: imports, page cache
+            _sampling_rate(str(folder), args, sampling, 1)
+        rates: dict[str, list[float]] = {"epoch": [], "resampled": []}
+        for r in range(args.rounds):
+            for sampling in rates:
+                rates[sampling].append(_sampling_rate(str(folder), args, sampling, args.passes))
+            print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {v[-1]:.1f} img/s" for n, v in rates.items()))
+
+        tiny = Path(tmp) / "tiny"
+        tiny.mkdir()
+        images = [tiny_jpeg(i) for i in range(16)]
+        per_shard = 16
+        write_bench_shards(tiny, [images[i % 16] for i in range(args.resume_shards * per_shard)], per_shard)
+        common = {"batch_size": 16, "img_size": 32, "num_workers": args.workers, "shuffle_buffer": 256,
+                  "seed": args.seed, "label_maps": False, "randaugment": None, "sampling": "epoch", "world_size": 1}
+        first = train_loader(str(tiny), **common)
+        half = len(first) // 2
+        batches = iter(first)
+        start = time.perf_counter()
+        for _ in range(half):
+            next(batches)
+        read_half = time.perf_counter() - start
+        position = json.loads(json.dumps(first.position()))
+        batches.close()  # its workers end here, not inside a timing below
+        starts: dict[str, list[float]] = {"fresh": [], "resume": []}
+        for _ in range(max(1, args.rounds)):  # alternating: fresh start, resume
+            starts["fresh"].append(_first_batch_seconds(str(tiny), common))
+            starts["resume"].append(_first_batch_seconds(str(tiny), {**common, "position": position}))
+    epoch, resampled = statistics.median(rates["epoch"]), statistics.median(rates["resampled"])
+    resume, fresh = statistics.median(starts["resume"]), statistics.median(starts["fresh"])
+    print(f"\ntraining loader, images/s (median of rounds): epoch {epoch:.1f}, resampled {resampled:.1f}")
+    print(f"resume at the middle of an epoch of {args.resume_shards} shards x {per_shard} tiny JPEGs "
+          f"({half} of {2 * half} batches of 16): reading the half epoch {read_half:.2f} s; to the first batch "
+          f"(median of {len(starts['resume'])}, min in brackets): resume {resume:.3f} s "
+          f"({min(starts['resume']):.3f}), fresh start {fresh:.3f} s ({min(starts['fresh']):.3f}); "
+          f"the resume's own cost over a fresh start: {resume - fresh:+.3f} s")
+    print(f"speed ratio (epoch / resampled; target >= 0.97x): {epoch / resampled:.2f}x")
+    print(f"resume ratio (resume to first batch / reading the half epoch; target < 5%): {100 * resume / read_half:.1f}% "
+          f"(of which a fresh start {100 * fresh / read_half:.1f}%, the resume's own cost "
+          f"{100 * (resume - fresh) / read_half:+.1f}%)")
+
+
 def run(args: argparse.Namespace) -> None:
     if args.source == "http":
         run_http(args)
+        return
+    if args.source == "sampling":
+        run_sampling(args)
         return
     torch.set_num_threads(1)  # one worker process = one core
     size = args.img_size

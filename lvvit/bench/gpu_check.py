@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from lvvit import atomic
-from lvvit.errors import first_line
+from lvvit.errors import ConfigError, exits_on_error, first_line
 
 TINY = {"embed_dim": 48, "depth": 2, "num_heads": 2, "stem_width": 16}
 """The dry run's stand-in for every variant."""
@@ -51,6 +51,17 @@ GPU_SIZES = Sizes(train=("lvvit_s", 224, 128), memory=(("lvvit_l", 448, 64), ("l
                   eval=("lvvit_s", 224, 256), label=("lvvit_l", 448, 64), steps=20, warmup=5, overrides={})
 DRY_SIZES = Sizes(train=("lvvit_t", 64, 4), memory=(("lvvit_t", 64, 2), ("lvvit_t", 96, 2)),
                   eval=("lvvit_t", 64, 4), label=("lvvit_t", 64, 4), steps=2, warmup=1, overrides=TINY)
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the command line says about how the training rows run, read once in ``main``."""
+
+    fused_adam: bool
+    """DeepSpeed's fused Adam (as ``zero2.json``) instead of torch's AdamW."""
+    peak_tflops: float | None
+    """``--peak-tflops``: the device's dense bf16 peak for MFU; None: by the device's name,
+    looked up by a GPU row, so an unknown device fails that row alone."""
 
 
 @dataclass
@@ -78,30 +89,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if args.dry_run else "cuda")
-    if not args.dry_run and not torch.cuda.is_available():
-        raise SystemExit("the GPU check needs CUDA (torch.cuda.is_available() is False); "
-                         "use --dry-run for the CPU rehearsal")
-    from lvvit.train.engine import ensure_dist_env
+    with exits_on_error():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu" if args.dry_run else "cuda")
+        if not args.dry_run and not torch.cuda.is_available():
+            raise ConfigError("the GPU check needs CUDA (torch.cuda.is_available() is False); "
+                              "use --dry-run for the CPU rehearsal")
+        from lvvit.train.engine import ensure_dist_env
 
-    ensure_dist_env()
-    sizes = DRY_SIZES if args.dry_run else GPU_SIZES
-    device = "cpu" if args.dry_run else "cuda"
-    checks = run_checks(args, sizes, device)
-    atomic.write_text(args.out, render(checks, device, args.dry_run))
-    print(args.out.read_text())
+        ensure_dist_env()
+        sizes = DRY_SIZES if args.dry_run else GPU_SIZES
+        device = "cpu" if args.dry_run else "cuda"
+        options = Options(fused_adam=args.fused_adam, peak_tflops=args.peak_tflops)
+        checks = run_checks(options, sizes, device)
+        atomic.write_text(args.out, render(checks, device, args.dry_run))
+        print(args.out.read_text())
 
 
-def run_checks(args: argparse.Namespace, sizes: Sizes, device: str) -> list[Check]:
+def run_checks(options: Options, sizes: Sizes, device: str) -> list[Check]:
     name, size, batch = sizes.train
     mem_rows = [(f"{m} @{s} peak memory, grad checkpointing", (m, s, b)) for m, s, b in sizes.memory]
     plan: list[tuple[Check, Callable[[], str]]] = [
         (Check(f"{name} @{size} training, eager", f"ZeRO-2, batch {batch}"),
-         lambda: train_throughput(args, sizes, sizes.train, device, compiled=False)),
+         lambda: train_throughput(options, sizes, sizes.train, device, compiled=False)),
         (Check(f"{name} @{size} training, --compile", f"ZeRO-2, batch {batch}"),
-         lambda: train_throughput(args, sizes, sizes.train, device, compiled=True)),
+         lambda: train_throughput(options, sizes, sizes.train, device, compiled=True)),
         *[(Check(title, f"ZeRO-2, batch {spec[2]}"),
-           lambda spec=spec: train_peak_memory(args, sizes, spec, device)) for title, spec in mem_rows],
+           lambda spec=spec: train_peak_memory(options, sizes, spec, device)) for title, spec in mem_rows],
         (Check(f"{sizes.eval[0]} @{sizes.eval[1]} eval", f"batch {sizes.eval[2]}"),
          lambda: eval_throughput(sizes, device)),
         (Check(f"label generation, {sizes.label[0]} teacher @{sizes.label[1]}", f"batch {sizes.label[2]}, top-5"),
@@ -139,7 +152,7 @@ def render(checks: list[Check], device: str, dry_run: bool) -> str:
 # ------------------------------------------------------------------------- training rows
 
 
-def _engine(args: argparse.Namespace, sizes: Sizes, spec: tuple[str, int, int], device: str,
+def _engine(options: Options, sizes: Sizes, spec: tuple[str, int, int], device: str,
             grad_checkpointing: bool):
     """The model under DeepSpeed as ``train.py`` builds it: the packaged ``zero2.json`` (the dry
     run: ``cpu.json``, fp32) at this micro batch, torch's AdamW unless ``--fused-adam``."""
@@ -150,7 +163,7 @@ def _engine(args: argparse.Namespace, sizes: Sizes, spec: tuple[str, int, int], 
     model = create_model(name, img_size=size, **sizes.overrides).to(device)
     model.set_grad_checkpointing(grad_checkpointing)
     config = packaged_engine_config("cpu.json" if device == "cpu" else "zero2.json", batch,
-                                    torch_adam=device == "cpu" or not args.fused_adam)
+                                    torch_adam=device == "cpu" or not options.fused_adam)
     return build_engine(model, config, 0.05), model
 
 
@@ -176,25 +189,25 @@ def _median_step_seconds(step: Callable[[], None], sizes: Sizes, device: str) ->
     return statistics.median(step_times(step, sizes.steps, sync))
 
 
-def train_throughput(args: argparse.Namespace, sizes: Sizes, spec: tuple[str, int, int], device: str,
+def train_throughput(options: Options, sizes: Sizes, spec: tuple[str, int, int], device: str,
                      compiled: bool) -> str:
-    from lvvit.bench.train import forward_flops, peak_tflops
+    from lvvit.bench.train import peak_tflops
+    from lvvit.models import train_flops_per_image
 
-    engine, model = _engine(args, sizes, spec, device, grad_checkpointing=False)
+    engine, model = _engine(options, sizes, spec, device, grad_checkpointing=False)
     try:
         step = _train_step(engine, model, spec, device, compiled)
         ips = spec[2] / _median_step_seconds(step, sizes, device)
         if device == "cpu":
             return f"{ips:.1f} img/s (MFU n/a on CPU)"
-        flops = 3 * forward_flops(model.eval(), torch.randn(1, 3, spec[1], spec[1], device=device))
-        model.train()
-        return f"{ips:.0f} img/s, MFU {100 * ips * flops / (peak_tflops(args) * 1e12):.1f}%"
+        flops = train_flops_per_image(model.cfg)  # model FLOPs, as train.py's MFU
+        return f"{ips:.0f} img/s, MFU {100 * ips * flops / (peak_tflops(options.peak_tflops) * 1e12):.1f}%"
     finally:
         del engine, model
 
 
-def train_peak_memory(args: argparse.Namespace, sizes: Sizes, spec: tuple[str, int, int], device: str) -> str:
-    engine, model = _engine(args, sizes, spec, device, grad_checkpointing=True)
+def train_peak_memory(options: Options, sizes: Sizes, spec: tuple[str, int, int], device: str) -> str:
+    engine, model = _engine(options, sizes, spec, device, grad_checkpointing=True)
     try:
         step = _train_step(engine, model, spec, device, compiled=False)
         if device == "cuda":

@@ -15,6 +15,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the batch-1 sweep over ORT graph optimisation levels")
 
 
+@dataclass(frozen=True)
+class Settings:
+    """The command line of one run, read once in :func:`run`."""
+
+    model: str
+    img_size: int
+    threads: int
+    """Intra-op threads of both sides; 0: torch's default."""
+    rounds: int
+    min_seconds: float
+    opt_level: str
+    sweep: bool
+
+
 def throughput(fn: Callable[[], object], batch: int, min_seconds: float) -> float:
     """Images/s of ``fn`` over at least ``min_seconds`` (and 3 calls), after one warm-up call."""
     fn()
@@ -71,19 +86,19 @@ def print_table(title: str, rows: list[tuple[int, dict[str, float]]]) -> None:
         print(f"{batch:>6} " + " ".join(f"{result[n]:>26.1f}" for n in names))
 
 
-def cpu_benchmark(args, model: torch.nn.Module, onnx_paths: dict[int | str, Path], batches: list[int]) -> list[str]:
+def cpu_benchmark(settings: Settings, model: torch.nn.Module, onnx_paths: dict[int | str, Path], batches: list[int]) -> list[str]:
     """PyTorch eager against one ORT CPU session per exported graph (fp32 per opset, and
     the int8 graph under the key "int8"), all in the same rounds."""
-    threads = args.threads or torch.get_num_threads()
+    threads = settings.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    sessions = {key: onnxrt.session(path, threads=threads, opt_level=args.opt_level)
+    sessions = {key: onnxrt.session(path, threads=threads, opt_level=settings.opt_level)
                 for key, path in onnx_paths.items()}
-    names = {key: f"ort opset {key} ({args.opt_level})" if key != "int8" else "ort int8 qdq"
+    names = {key: f"ort opset {key} ({settings.opt_level})" if key != "int8" else "ort int8 qdq"
              for key in sessions}
     fp32_name = names[next(iter(sessions))]
     rows, ratios = [], []
     for batch in batches:
-        x = torch.randn(batch, 3, args.img_size, args.img_size)
+        x = torch.randn(batch, 3, settings.img_size, settings.img_size)
         x_np = x.numpy()
 
         def eager(x=x):
@@ -92,40 +107,40 @@ def cpu_benchmark(args, model: torch.nn.Module, onnx_paths: dict[int | str, Path
 
         sides = {"pytorch eager": eager, **{names[opset]: (lambda s=s, x_np=x_np: s.run(None, {"images": x_np}))
                                             for opset, s in sessions.items()}}
-        result = compare(sides, batch, args.rounds, args.min_seconds)
+        result = compare(sides, batch, settings.rounds, settings.min_seconds)
         rows.append((batch, result))
         ratios.append(f"batch {batch}: " + ", ".join(
             f"{result[names[key]] / result['pytorch eager']:.2f}x ({'int8' if key == 'int8' else f'opset {key}'})"
             for key in sessions) + (f", int8 / ORT fp32 {result[names['int8']] / result[fp32_name]:.2f}x"
                                    if "int8" in sessions else ""))
-    print_table(f"CPU, {threads} threads: {args.model} @ {args.img_size}, fp32 (and int8)", rows)
+    print_table(f"CPU, {threads} threads: {settings.model} @ {settings.img_size}, fp32 (and int8)", rows)
 
-    if args.sweep:
+    if settings.sweep:
         opset, path = next(iter(onnx_paths.items()))  # the first fp32 graph
-        x_np = np.random.default_rng(0).standard_normal((1, 3, args.img_size, args.img_size), np.float32)
+        x_np = np.random.default_rng(0).standard_normal((1, 3, settings.img_size, settings.img_size), np.float32)
         levels = {level: onnxrt.session(path, threads=threads, opt_level=level) for level in onnxrt.OPT_LEVELS}
         sweep = compare({f"ort {level}": (lambda s=s: s.run(None, {"images": x_np}))
-                         for level, s in levels.items()}, 1, args.rounds, args.min_seconds)
+                         for level, s in levels.items()}, 1, settings.rounds, settings.min_seconds)
         print_table(f"ORT graph optimisation levels, batch 1, opset {opset}", [(1, sweep)])
     return ratios
 
 
-def gpu_benchmark(args, model: torch.nn.Module, batches: list[int], workdir: Path) -> list[str]:
+def gpu_benchmark(settings: Settings, model: torch.nn.Module, batches: list[int], workdir: Path) -> list[str]:
     """ORT CUDA and TensorRT, both on an fp16 graph, against PyTorch bf16 eager."""
     from lvvit.export.onnx_export import export_onnx
     from lvvit.export.tensorrt import EngineRunner, build_engine
 
     fp16_path = workdir / "model_fp16.onnx"
-    export_onnx(model, fp16_path, args.img_size, precision="fp16")
-    bf16_model = create_model(args.model, img_size=args.img_size).eval()
+    export_onnx(model, fp16_path, settings.img_size, precision="fp16")
+    bf16_model = create_model(settings.model, img_size=settings.img_size).eval()
     bf16_model.load_state_dict(model.state_dict())
     bf16_model = bf16_model.to("cuda", torch.bfloat16)
     sides_available = onnxrt.CUDA in onnxrt.preferred_providers()
     session = onnxrt.session(fp16_path, providers=[onnxrt.CUDA]) if sides_available else None
-    engine = EngineRunner(build_engine(fp16_path, args.img_size, max(batches), "fp16"))
+    engine = EngineRunner(build_engine(fp16_path, settings.img_size, max(batches), "fp16"))
     rows, ratios = [], []
     for batch in batches:
-        x = torch.randn(batch, 3, args.img_size, args.img_size)
+        x = torch.randn(batch, 3, settings.img_size, settings.img_size)
         x_np = x.numpy()
 
         # every side takes host memory and returns host memory, as a server would
@@ -136,12 +151,12 @@ def gpu_benchmark(args, model: torch.nn.Module, batches: list[int], workdir: Pat
         sides = {"pytorch bf16": eager, "tensorrt fp16": lambda x_np=x_np: engine(x_np)}
         if session is not None:
             sides["ort cuda fp16"] = lambda x_np=x_np: session.run(None, {"images": x_np})
-        result = compare(sides, batch, args.rounds, args.min_seconds)
+        result = compare(sides, batch, settings.rounds, settings.min_seconds)
         rows.append((batch, result))
         base = result["pytorch bf16"]
         ratios.append(f"batch {batch}: " + ", ".join(
             f"{name} {ips / base:.2f}x" for name, ips in result.items() if name != "pytorch bf16"))
-    print_table(f"GPU {torch.cuda.get_device_name()}: {args.model} @ {args.img_size}", rows)
+    print_table(f"GPU {torch.cuda.get_device_name()}: {settings.model} @ {settings.img_size}", rows)
     return ratios
 
 
@@ -178,10 +193,12 @@ def run(args: argparse.Namespace) -> None:
             export_onnx(model, path, args.img_size, opset=opset)
         if args.int8:
             onnx_paths["int8"] = int8_graph(onnx_paths[opsets[0]], args.img_size, Path(tmp) / "model_int8.onnx")
-        cpu_ratios = cpu_benchmark(args, model, onnx_paths, batches)
+        settings = Settings(args.model, args.img_size, args.threads, args.rounds, args.min_seconds,
+                            args.opt_level, args.sweep)
+        cpu_ratios = cpu_benchmark(settings, model, onnx_paths, batches)
         gpu_ratios = None
         if torch.cuda.is_available():
-            gpu_ratios = gpu_benchmark(args, model, batches, Path(tmp))
+            gpu_ratios = gpu_benchmark(settings, model, batches, Path(tmp))
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
     if gpu_ratios is None:
         print("\nGPU comparison (ORT CUDA, TensorRT fp16 vs PyTorch bf16) skipped: no CUDA GPU visible")

@@ -34,6 +34,7 @@ from lvvit.bench.data import cpu_info, sample_jpegs, write_bench_shards
 from lvvit.data.label_bytes import official_bytes
 from lvvit.data.labelmap import decode_tlm
 from lvvit.data.tarsamples import iter_tar_samples
+from lvvit.errors import LvvitError
 from lvvit.labeling.labeler import Labeler
 from lvvit.labeling.onnx_teacher import load_onnx_teacher
 from lvvit.labeling.smallcnn import SmallCNN, SmallCNNConfig, export_small_cnn_onnx, save_small_cnn
@@ -155,4 +156,4 @@ def _check_same_labels(torch_out: Path, onnx_out: Path, shards: list[Path]) -> N
         ma, mb = decode_tlm(a), decode_tlm(b)
         agree = (ma.indices[0] == mb.indices[0]).mean()
         if agree < 0.99 or np.abs(ma.values.astype(np.float32) - mb.values.astype(np.float32)).max() > 1e-2:
-            raise SystemExit("the torch and ONNX teachers disagree; the benchmark is void")
+            raise LvvitError("the torch and ONNX teachers disagree; the benchmark is void")

@@ -8,7 +8,8 @@ through its engine, PyTorch through ``PlainEngine``.
 On CPU (default here) it runs a tiny LV-ViT in fp32 and prints ``ratio = deepspeed /
 pytorch`` last (target <= 1.10). With ``--gpu`` it measures images/s and model FLOPs
 utilisation (MFU) of real variants in bf16 under DeepSpeed ZeRO-2, e.g. LV-ViT-S @224 and
-LV-ViT-L @448, counting training FLOPs as 3x the forward (4x with --grad-checkpointing).
+LV-ViT-L @448, with the model FLOPs and device peaks ``train.py`` logs its MFU with
+(``lvvit.models.flops``, ``lvvit.train.mfu``).
 """
 
 from __future__ import annotations
@@ -18,18 +19,35 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from lvvit.models import create_model
+from lvvit.errors import ConfigError
+from lvvit.models import create_model, train_flops_per_image
 from lvvit.train.ema import ModelEma
 from lvvit.train.engine import build_engine, ensure_dist_env, packaged_engine_config, param_groups
 from lvvit.train.loss import TokenLabelingLoss
+from lvvit.train.mfu import peak_tflops_by_name
 from lvvit.train.step import Objective, PlainEngine, train_step
 
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
-"""Dense bf16 tensor-core peaks (vendor datasheets, no sparsity)."""
+
+@dataclass(frozen=True)
+class TrainBench:
+    """What ``lvvit-bench train`` measures (its options, typed once in :func:`run`)."""
+
+    model: str = "lvvit_t"
+    img_size: int = 96
+    overrides: tuple[str, ...] = ()
+    batch: int = 16
+    steps: int = 60
+    warmup: int = 5
+    rounds: int = 6
+    gpu_models: str = "lvvit_s@224:256,lvvit_l@448:32"
+    grad_checkpointing: bool = False
+    compile: bool = False
+    peak_tflops: float | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,14 +114,14 @@ def step_times(step: Callable[[], None], n: int, sync: Callable[[], None]) -> li
 
 
 def _overrides(items: list[str]) -> dict:
-    from lvvit.train.config import parse_model_args
+    from lvvit.train.cli import parse_model_args
 
     return parse_model_args(items)
 
 
-def run_cpu(args: argparse.Namespace) -> float:
+def run_cpu(args: TrainBench) -> float:
     torch.manual_seed(0)
-    kwargs = {"img_size": args.img_size, "num_classes": 100, **_overrides(args.model_arg)}
+    kwargs = {"img_size": args.img_size, "num_classes": 100, **_overrides(list(args.overrides))}
     plain = create_model(args.model, **kwargs)
     ds_model = create_model(args.model, **kwargs)
     ds_model.load_state_dict(plain.state_dict())
@@ -138,34 +156,22 @@ def run_cpu(args: argparse.Namespace) -> float:
     return ratio
 
 
-def peak_tflops(args: argparse.Namespace) -> float:
+def peak_tflops(given: float | None) -> float:
     """The device's dense bf16 peak for MFU: ``--peak-tflops``, else by the device's name."""
-    if args.peak_tflops:
-        return args.peak_tflops
+    if given:
+        return given
     name = torch.cuda.get_device_name()
-    for key, peak in PEAK_BF16_TFLOPS.items():
-        if key in name:
-            return peak
-    raise ValueError(f"unknown bf16 peak for {name!r}; pass --peak-tflops")
+    peak = peak_tflops_by_name(name)
+    if peak is None:
+        raise ConfigError(f"unknown bf16 peak for {name!r}; pass --peak-tflops")
+    return peak
 
 
-def forward_flops(model: torch.nn.Module, images: torch.Tensor) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(images)
-    return counter.get_total_flops()
-
-
-def run_gpu(args: argparse.Namespace) -> None:
+def run_gpu(args: TrainBench) -> None:
     """Images/s and MFU per model under the packaged ``zero2.json`` (what ``train.py`` runs on a GPU)."""
     if not torch.cuda.is_available():
-        raise SystemExit("--gpu needs CUDA (torch.cuda.is_available() is False)")
-    try:
-        peak = peak_tflops(args) * 1e12
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+        raise ConfigError("--gpu needs CUDA (torch.cuda.is_available() is False)")
+    peak = peak_tflops(args.peak_tflops) * 1e12
     for spec in args.gpu_models.split(","):
         name, rest = spec.split("@")
         size, batch_size = (int(v) for v in rest.split(":"))
@@ -173,9 +179,7 @@ def run_gpu(args: argparse.Namespace) -> None:
         if args.grad_checkpointing:
             model.set_grad_checkpointing(True)
         batch = {k: v.pin_memory() for k, v in synthetic_batch(batch_size, size, model.cfg.num_classes).items()}
-        images = torch.randn(1, 3, size, size, device="cuda")
-        flops = forward_flops(model.eval(), images) * (4 if args.grad_checkpointing else 3)
-        model.train()
+        flops = train_flops_per_image(model.cfg)  # model FLOPs (MFU): recomputation not counted
         engine = build_engine(model, packaged_engine_config("zero2.json", batch_size), 0.05, compile=args.compile)
         step = timed_step(engine, bench_objective(model, args.compile, "cuda", torch.bfloat16), batch,
                            ModelEma(engine.module, 0.99992))
@@ -191,7 +195,11 @@ def run_gpu(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if args.gpu else "cpu")
     ensure_dist_env()
+    bench = TrainBench(model=args.model, img_size=args.img_size, overrides=tuple(args.model_arg), batch=args.batch,
+                       steps=args.steps, warmup=args.warmup, rounds=args.rounds, gpu_models=args.gpu_models,
+                       grad_checkpointing=args.grad_checkpointing, compile=args.compile,
+                       peak_tflops=args.peak_tflops)
     if args.gpu:
-        run_gpu(args)
+        run_gpu(bench)
     else:
-        run_cpu(args)
+        run_cpu(bench)

@@ -13,6 +13,7 @@ from lvvit.data.imagefolder import CLASS_ORDERS
 from lvvit.data.members import DEFAULT_MAX_PIXELS
 from lvvit.data.source import DEFAULT_RETRIES, DEFAULT_TIMEOUT, Access
 from lvvit.data.streams import DEADLINE_PER_TIMEOUT
+from lvvit.errors import ConfigError, exits_on_error
 
 _SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -43,12 +44,12 @@ def add_access_args(group, on_failure: str) -> None:
 
 def access_from_args(args: argparse.Namespace, cache_dir: str | None = None) -> Access:
     """The ``Access`` of the options ``add_access_args`` adds, each checked: one line naming the
-    option (``SystemExit``) for a value outside its range."""
+    option (``ConfigError``) for a value outside its range."""
     for flag, value, low in (("--shard-timeout", args.shard_timeout, 0.0), ("--shard-deadline", args.shard_deadline, 0.0)):
         if value is not None and not (math.isfinite(value) and value > low):
-            raise SystemExit(f"{flag} {value}: must be a finite number > 0")
+            raise ConfigError(f"{flag} {value}: must be a finite number > 0")
     if args.shard_retries < 0:
-        raise SystemExit(f"--shard-retries {args.shard_retries}: must be >= 0")
+        raise ConfigError(f"--shard-retries {args.shard_retries}: must be >= 0")
     return Access(args.shard_timeout, args.shard_retries, cache_dir, deadline=args.shard_deadline)
 
 
@@ -270,4 +271,6 @@ def main(argv: list[str] | None = None) -> None:
     _add_preview(sub)
     _add_info(sub)
     args = parser.parse_args(argv)
-    sys.exit({"build": _build, "preview": _preview, "info": _info}[args.command](args))
+    with exits_on_error():
+        code = {"build": _build, "preview": _preview, "info": _info}[args.command](args)
+    sys.exit(code)

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lvvit.data.members import IMAGE_EXTENSIONS
+from lvvit.errors import DataError
 
 CLASS_ORDERS = ("sorted", "natural")
 
 
-class ShardBuildError(RuntimeError):
+class ShardBuildError(DataError, RuntimeError):
     """A build that cannot start or go on (not a bad sample: those are reported), e.g. an
     image folder that does not exist or has no class folders."""
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lvvit.errors import DataError
+
 MAGIC = b"LVTL"
 VERSION = 1
 CODEC_RAW = 0
@@ -32,7 +34,7 @@ MAX_RECORD_BYTES = HEADER_SIZE + 4 * MAX_CELLS
 only when smaller), the bound a shard reader puts on a ``tlm`` member."""
 
 
-class LabelMapError(ValueError):
+class LabelMapError(DataError, ValueError):
     """A ``tlm`` record or label map that cannot be read or written; names the sample."""
 
 

@@ -132,7 +132,28 @@ def missing_label_maps(skipped: list[dict]) -> list[dict]:
 
 
 class _ShardFile:
-    """One tar being written under ``.tmp``; ``close`` renames it into place."""
+    """One tar being written under ``.tmp``; ``close`` renames it into place.
+
+    Not webdataset's ``TarWriter``/``ShardWriter`` (1.0.2), because neither keeps what this
+    writer promises (docs/format.md), and making them do so leaves little of them:
+
+    * ``TarWriter.write`` adds a sample's members sorted by extension (``cls, jpg, tlm``), ours
+      go ``jpg, cls, tlm``: every shard would differ from the same build by earlier versions,
+      and a build resumed across the change would mix both orders in one folder. Its defaults
+      are not reproducible either: ``mtime`` is ``time.time()`` per member and ``uname``/
+      ``gname`` are ``"bigdata"`` (ours: 0 and empty), and ``format=`` is never passed on to
+      ``tarfile.open``. With ``mtime=0, user="", group="", encoder=False`` and our members
+      pre-sorted its bytes equal ours (checked), so only the order is in the way; but then it
+      does nothing ``tarfile`` does not, and the size bound below reads its private ``tarstream``.
+    * Given a name, it opens the final name itself (``gopen``): no temporary, no fsync, no
+      rename, so a killed build leaves a truncated tar under the name a resume keeps.
+    * ``ShardWriter`` bounds a shard by payload bytes (``maxsize``, headers and 512-byte
+      padding not counted, checked before the next sample is added, so a shard ends past the
+      bound), where ``--shard-bytes`` bounds the tar file; and it closes a full shard only when
+      the next sample arrives, telling ``post`` just the file name, so the summary cannot record
+      how many inputs (skipped ones included) that shard consumed at the moment it is renamed,
+      which is what a resume continues from.
+    """
 
     def __init__(self, path: Path):
         self.path, self.tmp = path, path.with_name(path.name + ".tmp")

@@ -50,6 +50,7 @@ from lvvit.data.streams import (
 )
 from lvvit.data.streams import DEFAULT_RETRIES as DEFAULT_RETRIES
 from lvvit.data.streams import DEFAULT_TIMEOUT as DEFAULT_TIMEOUT
+from lvvit.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ million is a whole dataset in one tar); remote shards, whose sizes are unknown, 
 bound alone."""
 
 
-class SourceError(ValueError):
+class SourceError(DataError, ValueError):
     """A spec, manifest or classes.json that cannot be used; the message names it."""
 
 

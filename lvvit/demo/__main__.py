@@ -19,6 +19,7 @@ from pathlib import Path
 
 from lvvit.bench.server_process import console_script as tool
 from lvvit.demo.stages import StageFailed, StageRunner, run_command
+from lvvit.errors import exits_on_error
 from lvvit.ports import free_port
 
 
@@ -258,11 +259,12 @@ def main(argv: list[str] | None = None) -> int:
         size = replace(size, epochs=args.epochs)
     if args.fresh and args.out.exists():
         shutil.rmtree(args.out)
-    try:
-        Demo(args.out, size, args.ranks, args.teacher_format).run()
-    except StageFailed as exc:
-        print(f"\nDEMO STOPPED: {exc}", file=sys.stderr)
-        return 1
+    with exits_on_error():  # an error of ours in an in-process stage: its one line
+        try:
+            Demo(args.out, size, args.ranks, args.teacher_format).run()
+        except StageFailed as exc:
+            print(f"\nDEMO STOPPED: {exc}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -13,9 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lvvit import atomic
+from lvvit.errors import LvvitError
 
 
-class StageFailed(RuntimeError):
+class StageFailed(LvvitError, RuntimeError):
     def __init__(self, stage: str, reason: str, hint: str) -> None:
         super().__init__(f"stage '{stage}' failed: {reason}\n  what to check: {hint}")
         self.stage = stage

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -43,8 +44,14 @@ from lvvit.data.source import (
 )
 from lvvit.data.tarsamples import ShardReadError, count_tar_samples
 from lvvit.digest import file_sha256
+from lvvit.errors import ConfigError, DataError, exits_on_error
 from lvvit.labeling.labeler import CHANNEL_ORDERS, PRECISIONS, Labeler, ShardResult
-from lvvit.labeling.onnx_file import Limits, add_limit_args, limits_from_args
+from lvvit.labeling.onnx_file import (
+    DEFAULT_TENSOR_MIB,
+    MEMORY_FRACTION,
+    Limits,
+    default_memory_bytes,
+)
 from lvvit.labeling.onnx_teacher import LAYOUTS, OnnxTeacherError, fixed_size, load_onnx_teacher
 from lvvit.labeling.sources import Plan, ShardJob, is_shard_folder, plan_image_folder, plan_shards
 from lvvit.labeling.teacher import TEACHERS, TeacherOutputError, build_teacher
@@ -71,7 +78,7 @@ def rank_info(local_rank_arg: int | None) -> RankInfo:
     rank = int(os.environ.get("RANK", local_rank))
     world = int(os.environ.get("WORLD_SIZE", 1))
     if not 0 <= rank < world:
-        raise SystemExit(f"RANK {rank} is outside WORLD_SIZE {world}")
+        raise ConfigError(f"RANK {rank} is outside WORLD_SIZE {world}")
     return RankInfo(rank, world, local_rank)
 
 
@@ -111,14 +118,12 @@ def check_settings(out: Path, settings: dict) -> None:
     if not path.is_file():
         return
     try:
-        previous = jsonload.loads(path.read_bytes())
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"{path}: unreadable label settings ({err}); choose another --out or empty it") from None
-    if not isinstance(previous, dict):
-        raise SystemExit(f"{path}: expected a JSON object; choose another --out or empty it")
+        previous = jsonload.load_object(path)
+    except ConfigError as err:
+        raise ConfigError(f"{err}; choose another --out or empty it") from None
     changed = sorted(k for k in previous.keys() | settings.keys() if previous.get(k) != settings.get(k))
     if changed:
-        raise SystemExit(
+        raise ConfigError(
             f"{out} holds labels made with other settings ({', '.join(changed)} differ, see {path}); "
             "choose another --out or empty it"
         )
@@ -157,6 +162,27 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if shown and "default" not in text:
             text += " (default: %(default)s)"
         return text
+
+
+def add_limit_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The two flags that raise or lower :class:`Limits`, for every command that runs a teacher
+    (here and ``lvvit-label dense-teacher``); :func:`limits_from_args` reads them."""
+    parser.add_argument("--max-teacher-tensor-mib", type=float, default=DEFAULT_TENSOR_MIB,
+                        help="largest intermediate an onnx: teacher may infer, per image, in MiB")
+    parser.add_argument("--max-teacher-memory-gib", type=float,
+                        help=f"resident memory of this process while an onnx: teacher runs (default: "
+                        f"{MEMORY_FRACTION * 100:.0f}%% of the machine's or container's memory)")
+
+
+def limits_from_args(args: argparse.Namespace) -> Limits:
+    """The :class:`Limits` of the flags :func:`add_limit_args` adds; a value that is not a
+    positive number is a ``ConfigError`` naming the flag."""
+    for flag, value in (("--max-teacher-tensor-mib", args.max_teacher_tensor_mib),
+                        ("--max-teacher-memory-gib", args.max_teacher_memory_gib)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{flag} {value}: must be a positive number")
+    memory = default_memory_bytes() if args.max_teacher_memory_gib is None else int(args.max_teacher_memory_gib * 2**30)
+    return Limits(int(args.max_teacher_tensor_mib * 2**20), memory)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -231,14 +257,14 @@ def check_teacher_args(args: argparse.Namespace) -> None:
     path = onnx_path(args.teacher)
     if path is None:
         if args.teacher_checkpoint is None:
-            raise SystemExit(f"--teacher {args.teacher} needs --teacher-checkpoint (only onnx:PATH teachers do not)")
+            raise ConfigError(f"--teacher {args.teacher} needs --teacher-checkpoint (only onnx:PATH teachers do not)")
         if not args.teacher_checkpoint.is_file():
-            raise SystemExit(f"teacher checkpoint {args.teacher_checkpoint} does not exist")
+            raise ConfigError(f"teacher checkpoint {args.teacher_checkpoint} does not exist")
         if args.layout != "nchw":
-            raise SystemExit(f"--layout {args.layout} is for onnx: teachers; torch teachers take nchw")
+            raise ConfigError(f"--layout {args.layout} is for onnx: teachers; torch teachers take nchw")
         return
     if not path.is_file():
-        raise SystemExit(f"ONNX teacher {path} does not exist")
+        raise ConfigError(f"ONNX teacher {path} does not exist")
     ignored = [flag for flag, used in (
         ("--teacher-checkpoint", args.teacher_checkpoint is not None),
         ("--teacher-args", bool(args.teacher_args)),
@@ -246,7 +272,7 @@ def check_teacher_args(args: argparse.Namespace) -> None:
         (f"--device {args.device}", args.device != "cpu"),
     ) if used]
     if ignored:
-        raise SystemExit(
+        raise ConfigError(
             f"{', '.join(ignored)}: not used with --teacher {args.teacher} (the graph fixes weights and "
             "precision; --onnx-provider picks the device)"
         )
@@ -259,7 +285,7 @@ def resolve_img_size(args: argparse.Namespace) -> int:
     if args.img_size is None:
         return fixed or BUILTIN_IMG_SIZE
     if fixed is not None and fixed != args.img_size:
-        raise SystemExit(f"{path}: the graph's input is {fixed} px, --img-size is {args.img_size}")
+        raise ConfigError(f"{path}: the graph's input is {fixed} px, --img-size is {args.img_size}")
     return args.img_size
 
 
@@ -274,14 +300,14 @@ def make_plan(args: argparse.Namespace) -> Plan:
     try:
         return plan_shards(resolve(args.input, args.manifest, access_from_args(args)))
     except (SourceError, FileNotFoundError) as e:
-        raise SystemExit(f"--input {args.input}: {e}") from None
+        raise DataError(f"--input {args.input}: {e}") from None
 
 
 def dataset_classes(args: argparse.Namespace, plan: Plan) -> int | None:
     """The class count the teacher's output must have: classes.json's, or --num-classes."""
     listed = None if plan.classes is None else len(json.loads(plan.classes))
     if listed is not None and args.num_classes is not None and listed != args.num_classes:
-        raise SystemExit(f"--num-classes {args.num_classes}, but classes.json of {args.input} lists {listed} classes")
+        raise ConfigError(f"--num-classes {args.num_classes}, but classes.json of {args.input} lists {listed} classes")
     if listed is None and args.num_classes is None:
         log.warning("no classes.json and no --num-classes: the teacher's class count is not checked")
     return listed if listed is not None else args.num_classes
@@ -339,8 +365,8 @@ def label_jobs(
                 log.error("%s not written: %s", job.name, e)
                 failures.append(f"{job.name}: {e}")
                 continue
-            except (TeacherOutputError, OnnxTeacherError) as e:
-                raise SystemExit(f"{e} (labeling {job.name}; not written)") from None
+            except (TeacherOutputError, OnnxTeacherError) as e:  # same type, the shard named
+                raise type(e)(f"{e} (labeling {job.name}; not written)") from None
             results.append(result)
             record_settings(args.out, settings)
             log.info(
@@ -369,19 +395,22 @@ def main(argv: list[str] | None = None) -> int:
 
         return dense_teacher_main(argv[1:])
     args = parse_args(argv)
+    with exits_on_error():
+        return label(args)
+
+
+def label(args: argparse.Namespace) -> int:
+    """The labeling job of the parsed command line; our errors propagate (``main`` prints them)."""
     check_teacher_args(args)
     limits = limits_from_args(args)
-    try:
-        args.img_size = resolve_img_size(args)
-    except OnnxTeacherError as e:
-        raise SystemExit(str(e)) from None
+    args.img_size = resolve_img_size(args)
     ranks = rank_info(args.local_rank)
     logging.basicConfig(level=logging.INFO, format=f"[lvvit-label rank {ranks.rank}] %(levelname)s %(message)s")
     if not is_remote(args.input) and args.out.resolve() == Path(args.input).resolve():
-        raise SystemExit("--out must differ from --input: input shards are never overwritten")
+        raise ConfigError("--out must differ from --input: input shards are never overwritten")
     plan = make_plan(args)
     if not plan.jobs:
-        raise SystemExit(f"nothing to label in {args.input}")
+        raise DataError(f"nothing to label in {args.input}")
     if plan.classes is None:
         log.warning("%s has no classes.json; the output will have none either", args.input)
     num_classes = dataset_classes(args, plan)
@@ -397,10 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     results, failures = [], []
     if todo:
-        try:
-            labeler = make_labeler(args, ranks, num_classes, limits)
-        except (TeacherOutputError, OnnxTeacherError) as e:
-            raise SystemExit(str(e)) from None
+        labeler = make_labeler(args, ranks, num_classes, limits)
         args.out.mkdir(parents=True, exist_ok=True)
         try:
             results, failures = label_jobs(args, ranks, labeler, todo, settings)
@@ -421,7 +447,6 @@ def main(argv: list[str] | None = None) -> int:
         write_output_manifest(args.out, plan)
         log.info("all %d shards finished; wrote %s", len(plan.jobs), args.out / "manifest.json")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 
 from lvvit import atomic
-from lvvit.labeling.onnx_file import add_limit_args, check_graph, graph_tensors, limits_from_args
+from lvvit.errors import ConfigError, exits_on_error
+from lvvit.labeling.cli import add_limit_args, limits_from_args
+from lvvit.labeling.onnx_file import Limits, check_graph, graph_tensors
 from lvvit.labeling.onnx_teacher import (
     LAYOUTS,
     OnnxTeacherError,
@@ -47,23 +50,35 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def rewrite(args: argparse.Namespace) -> float:
+@dataclass(frozen=True)
+class Rewrite:
+    """One ``dense-teacher`` job: the classifier, where the dense graph goes, and how to check it."""
+
+    input: Path
+    output: Path
+    limits: Limits
+    img_size: int | None = None
+    """Size of the check; None: the graph's fixed size, else :data:`DEFAULT_CHECK_SIZE`."""
+    layout: str = "nchw"
+
+
+def rewrite(job: Rewrite) -> float:
     """Rewrite, check and write OUT; returns the check's relative difference."""
-    where = str(args.input)
-    model = load_model(args.input)
-    spec = input_spec(model, args.layout, where)
-    size = args.img_size or spec.size or DEFAULT_CHECK_SIZE
+    where = str(job.input)
+    model = load_model(job.input)
+    spec = input_spec(model, job.layout, where)
+    size = job.img_size or spec.size or DEFAULT_CHECK_SIZE
     if spec.size is not None and spec.size != size:
         raise OnnxTeacherError(f"{where}: the graph's input is {spec.size} px, --img-size is {size}")
-    limits, folder = limits_from_args(args), args.input.parent
-    check_graph(model, spec.name, input_shape(spec, size), limits, where)
+    folder = job.input.parent
+    check_graph(model, spec.name, input_shape(spec, size), job.limits, where)
     dense, head = make_dense(model, where, folder)
-    diff = verify_dense(model, dense, spec, size, where, folder, limits)
-    copy_external_data(dense, folder, args.output.parent)
-    atomic.write_bytes(args.output, dense.SerializeToString())
+    diff = verify_dense(model, dense, spec, size, where, folder, job.limits)
+    copy_external_data(dense, folder, job.output.parent)
+    atomic.write_bytes(job.output, dense.SerializeToString())
     print(f"{where}: head {' -> '.join(head.nodes)} replaced by a 1x1 Conv with {head.weight.shape[0]} classes")
     print(f"check at {size} px: max |mean of dense map - logits| / max(1, |logits|) = {diff:.2e}")
-    print(f"wrote {args.output}")
+    print(f"wrote {job.output}")
     return diff
 
 
@@ -84,10 +99,8 @@ def copy_external_data(model: onnx.ModelProto, source: Path, target: Path) -> No
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    if args.output.resolve() == args.input.resolve():
-        raise SystemExit("OUT must differ from IN: the classifier is kept")
-    try:
-        rewrite(args)
-    except OnnxTeacherError as e:
-        raise SystemExit(str(e)) from None
+    with exits_on_error():
+        if args.output.resolve() == args.input.resolve():
+            raise ConfigError("OUT must differ from IN: the classifier is kept")
+        rewrite(Rewrite(args.input, args.output, limits_from_args(args), args.img_size, args.layout))
     return 0

@@ -16,7 +16,6 @@ External data stays on disk: ONNX Runtime maps it from the model's folder, so a 
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -33,7 +32,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from lvvit import onnxrt
-from lvvit.errors import first_line
+from lvvit.errors import LvvitError, first_line
 from lvvit.onnxrt import ProviderUnavailable, SessionError, provider_chain
 
 MAX_ONNX_BYTES = 2 << 30
@@ -59,7 +58,7 @@ SMALL_TENSOR = 4096
 ones are handed over as typed inputs, their values not being needed for shapes."""
 
 
-class OnnxTeacherError(ValueError):
+class OnnxTeacherError(LvvitError, ValueError):
     """An ONNX teacher file that cannot be used; the message names the file and the cause."""
 
 
@@ -177,24 +176,6 @@ def default_memory_bytes() -> int:
     if text.isdigit():
         total = min(total, int(text))
     return int(total * MEMORY_FRACTION)
-
-
-def add_limit_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """The two flags that raise or lower :class:`Limits`, for every command that runs a teacher."""
-    parser.add_argument("--max-teacher-tensor-mib", type=float, default=DEFAULT_TENSOR_MIB,
-                        help="largest intermediate an onnx: teacher may infer, per image, in MiB")
-    parser.add_argument("--max-teacher-memory-gib", type=float,
-                        help=f"resident memory of this process while an onnx: teacher runs (default: "
-                        f"{MEMORY_FRACTION * 100:.0f}%% of the machine's or container's memory)")
-
-
-def limits_from_args(args: argparse.Namespace) -> Limits:
-    for flag, value in (("--max-teacher-tensor-mib", args.max_teacher_tensor_mib),
-                        ("--max-teacher-memory-gib", args.max_teacher_memory_gib)):
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise SystemExit(f"{flag} {value}: must be a positive number")
-    memory = default_memory_bytes() if args.max_teacher_memory_gib is None else int(args.max_teacher_memory_gib * 2**30)
-    return Limits(int(args.max_teacher_tensor_mib * 2**20), memory)
 
 
 def shapes_only(model: onnx.ModelProto, input_name: str | None = None, shape: list[int] | None = None) -> onnx.ModelProto:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lvvit.errors import LvvitError
 from lvvit.labeling.smallcnn import load_small_cnn
 from lvvit.models import LVViT, list_models, model_from_checkpoint, read_checkpoint
 
@@ -110,7 +111,7 @@ def build_teacher(
     return factory(checkpoint=checkpoint, img_size=img_size, **kwargs).eval()
 
 
-class TeacherOutputError(ValueError):
+class TeacherOutputError(LvvitError, ValueError):
     """A teacher whose output cannot be labels for this dataset; the message names its file."""
 
 

@@ -4,6 +4,7 @@ Training: ``resampled=True`` shards split by node and worker, a shuffle buffer, 
 per-sample :class:`~lvvit.loader.transforms.TrainTransform` in DataLoader workers, batches
 built in the workers, and ``with_epoch`` so every rank runs exactly
 ``total // (batch_size * world_size)`` steps per epoch (ZeRO-3 hangs otherwise).
+Exact epochs (``sampling="epoch"``) and their resume are in :mod:`lvvit.loader.epoch_loader`.
 
 Evaluation: every sample exactly once across ranks, and every rank the same number of
 batches. Rank ``r`` owns a contiguous block of ``ceil(N / world)`` sample slots; the last
@@ -65,7 +66,12 @@ DEFAULT_RANDAUGMENT = RandAugment()
 
 SKIPPED = "_skipped"
 """Batch key carrying skip records from the workers; :class:`BatchLoader` pops it."""
-
+POSITION = "_position"
+"""Batch key (epoch sampling) carrying ``(worker, entries used, batches made)`` of the worker
+that made the batch, as of that batch; :class:`BatchLoader` pops it."""
+KEYS = "keys"
+"""Batch key: the sample keys of the batch, in order (a list of str; not a tensor)."""
+SAMPLINGS = ("epoch", "resampled")
 
 
 
@@ -129,15 +135,32 @@ class BatchLoader:
     def __len__(self) -> int:
         return self.steps
 
+    def position(self) -> dict[str, Any] | None:
+        """Where the stream stands (epoch sampling; see
+        :class:`~lvvit.loader.epoch_loader.EpochBatchLoader`); ``None``
+        with resampling, which has no position to resume at."""
+        return None
+
+    def _epoch(self) -> Iterable[dict[str, Any]]:
+        return self.loader
+
+    def _took(self, batch: dict[str, Any]) -> None:
+        """Called with each batch as it is handed to the consumer."""
+
+    def _ended(self) -> None:
+        """Called when an epoch's batches have all been handed out."""
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         seen: dict[tuple[str, str], SkippedSample] = {}
         self.skipped = []
-        for batch in self.loader:
+        for batch in self._epoch():
             for record in batch.pop(SKIPPED):
                 self.total_skipped += 1
                 seen.setdefault(record[:2], SkippedSample(*record))
             self.skipped = list(seen.values())
+            self._took(batch)
             yield batch
+        self._ended()
         if self.skipped:
             listing = "; ".join(f"{s.shard}:{s.key} ({s.reason})" for s in self.skipped)
             log.warning("%s: skipped %d corrupt sample(s) this epoch: %s", self.name, len(self.skipped), listing)
@@ -157,8 +180,10 @@ every shard is empty) is an error."""
 class _TrainStage:
     """Open, decode and collate for one worker; one object so that all see the same skip list."""
 
-    def __init__(self, source: ShardSource, transform: TrainTransform, label_maps: bool, seed: int, rank: int) -> None:
+    def __init__(self, source: ShardSource, transform: TrainTransform, label_maps: bool, seed: int, rank: int,
+                 keys: bool = False) -> None:
         self.source = source
+        self.keys = keys
         self.transform = transform
         self.label_maps = label_maps
         self.seed = seed
@@ -202,23 +227,28 @@ class _TrainStage:
             self.rng = random.Random(f"{self.seed}-{self.rank}-{worker_seed}")
         return self.rng
 
-    def decode(self, sample: dict[str, Any]) -> dict[str, Any] | None:
+    def decode(self, sample: dict[str, Any], rng: random.Random | None = None) -> dict[str, Any] | None:
+        """The decoded, augmented sample (with ``rng``, else the worker's own generator), or
+        ``None`` for a corrupt one (recorded)."""
         key = sample.get("__key__", "<unknown>")
         try:
             label = _class_index(sample)
             label_map = decode_tlm(_field(sample, "tlm"), key) if self.label_maps else None
-            out = self.transform(_field(sample, "jpg"), label_map, self._rng())
+            out = self.transform(_field(sample, "jpg"), label_map, rng or self._rng())
         except CORRUPT_SAMPLE_ERRORS as error:
-            skip = SkippedSample(Path(sample.get("__url__", "?")).name, key, _reason(error))
-            self.skipped.append(skip)
-            self.in_a_row += 1
-            if self.in_a_row >= MAX_SKIPS_IN_A_ROW:
-                raise RuntimeError(
-                    f"{self.in_a_row} samples in a row failed to decode; the last: {skip.shard}:{skip.key} ({skip.reason})"
-                ) from error
+            self.failed(SkippedSample(Path(sample.get("__url__", "?")).name, key, _reason(error)), error)
             return None
         self.in_a_row = 0
-        return {"label": label, "sample": out}
+        return {"label": label, "sample": out, "key": key}
+
+    def failed(self, skip: SkippedSample | None, error: BaseException | None = None) -> None:
+        """One sample gave nothing (recorded when ``skip`` is given); too many in a row is an error."""
+        if skip is not None:
+            self.skipped.append(skip)
+        self.in_a_row += 1
+        if self.in_a_row >= MAX_SKIPS_IN_A_ROW:
+            last = f"{skip.shard}:{skip.key} ({skip.reason})" if skip is not None else "in an unreadable shard"
+            raise RuntimeError(f"{self.in_a_row} samples in a row failed to decode; the last: {last}") from error
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         outs = [s["sample"] for s in samples]
@@ -239,6 +269,8 @@ class _TrainStage:
             batch["map_boxes"] = torch.tensor([m.box for m in maps], dtype=torch.float32)
         else:
             batch["map_boxes"] = torch.tensor([(0.0, 0.0, 1.0, 1.0)] * len(outs), dtype=torch.float32)
+        if self.keys:
+            batch[KEYS] = [s["key"] for s in samples]
         batch[SKIPPED], self.skipped = self.skipped, []
         return batch
 
@@ -259,6 +291,11 @@ def train_loader(
     seed: int = 0,
     world_size: int | None = None,
     pin_memory: bool = False,
+    sampling: str = "resampled",
+    epoch: int = 0,
+    position: dict[str, Any] | list[dict[str, Any]] | None = None,
+    rank: int | None = None,
+    keys: bool = False,
 ) -> BatchLoader:
     """Training batches (docs/contracts.md, "Training batch") from the shards of ``data``
     (a :class:`ShardSource`, or a spec for one: a folder with ``manifest.json``, the
@@ -272,8 +309,31 @@ def train_loader(
     ``steps_per_epoch``). Shards are drawn at random (resampled, seeded by ``seed``, rank
     and worker) from the source's shards only. The rank and world size come from RANK and
     WORLD_SIZE or the initialised process group, as webdataset's ``split_by_node`` reads them.
+
+    ``sampling="epoch"`` (needs the source's per-shard counts) gives exact epochs instead
+    (:mod:`lvvit.loader.sampling`, docs/training.md "Sampling and exact resume"): every
+    sample once per epoch (less the ``drop_last`` remainder), in an order fixed by (seed,
+    epoch, rank, worker count), augmented from (seed, epoch, sample); the first iteration
+    is ``epoch`` (or the position's), each later one the next epoch; ``rank`` may be
+    given explicitly; batches carry ``"keys"``;
+    :meth:`~lvvit.loader.epoch_loader.EpochBatchLoader.position` is a
+    resume point, and ``position=`` (one rank's dict, or the list of every rank's) continues
+    the stream: exactly with the same world size, worker count, batch size and buffer,
+    else with the epoch's samples not yet seen. ``steps_per_epoch`` is then the batches of
+    a whole epoch. ``keys=True`` adds ``"keys"`` to resampled batches too.
     """
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling {sampling!r} is not one of {', '.join(SAMPLINGS)}")
     source = as_source(data)
+    if sampling == "epoch":
+        from lvvit.loader.epoch_loader import _epoch_loader  # imports this module: not at the top
+
+        return _epoch_loader(source, batch_size, img_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
+                             randaugment=randaugment, erase_prob=erase_prob, hflip=hflip, scale=scale,
+                             label_maps=label_maps, steps_per_epoch=steps_per_epoch, seed=seed,
+                             world_size=world_size, rank=rank, pin_memory=pin_memory, epoch=epoch, position=position)
+    if position is not None or rank is not None:
+        raise ValueError("position and rank are for sampling='epoch'; resampling has no position to resume at")
     rank, world = _split_rank(world_size)
     if steps_per_epoch is None and source.total is None:
         raise ValueError(f"no sample counts for {source.spec} (no manifest.json reachable); give steps_per_epoch")
@@ -289,7 +349,7 @@ def train_loader(
         randaugment=randaugment,
         erase_prob=erase_prob,
     )
-    stage = _TrainStage(source, transform, label_maps, seed, rank)
+    stage = _TrainStage(source, transform, label_maps, seed, rank, keys)
     dataset = wds.DataPipeline(
         wds.ResampledShards(list(source.urls), seed=seed, deterministic=True),
         wds.split_by_node,

@@ -1,4 +1,5 @@
-"""LV-ViT variants by name: ``create_model("lvvit_s", img_size=384, checkpoint=...)``."""
+"""LV-ViT variants by name: ``create_model("lvvit_s", img_size=384, checkpoint=...)``, each
+variant's official recipe (``recipe_for("lvvit_s")``) and its analytic training FLOPs."""
 
 from __future__ import annotations
 
@@ -17,19 +18,24 @@ from lvvit.models.checkpoint import (
     read_state_dict,
     resize_pos_embed,
 )
+from lvvit.models.flops import forward_flops_per_image, train_flops_per_image
 from lvvit.models.lvvit import LVViT, LVViTConfig
+from lvvit.models.recipe import RECIPES, REFERENCE_BATCH, Recipe, recipe_for
+
+
+def _variant(name: str, **arch) -> LVViTConfig:
+    """An architecture with its recipe's default stochastic depth and eval crop."""
+    recipe = RECIPES[name]
+    return LVViTConfig(**arch, drop_path_rate=recipe.drop_path_rate, crop_pct=recipe.crop_pct)
+
 
 MODEL_CONFIGS: dict[str, LVViTConfig] = {
-    "lvvit_t": LVViTConfig(embed_dim=240, depth=12, num_heads=4, skip_lam=1.0, drop_path_rate=0.1),
-    "lvvit_s": LVViTConfig(embed_dim=384, depth=16, num_heads=6, skip_lam=2.0, drop_path_rate=0.1),
-    "lvvit_m": LVViTConfig(
-        embed_dim=512, depth=20, num_heads=8, skip_lam=2.0, drop_path_rate=0.2, crop_pct=1.0
-    ),
-    "lvvit_l": LVViTConfig(
-        embed_dim=768, depth=24, num_heads=12, skip_lam=3.0, drop_path_rate=0.3, stem_width=128,
-        crop_pct=1.0,
-    ),
+    "lvvit_t": _variant("lvvit_t", embed_dim=240, depth=12, num_heads=4, skip_lam=1.0),
+    "lvvit_s": _variant("lvvit_s", embed_dim=384, depth=16, num_heads=6, skip_lam=2.0),
+    "lvvit_m": _variant("lvvit_m", embed_dim=512, depth=20, num_heads=8, skip_lam=2.0),
+    "lvvit_l": _variant("lvvit_l", embed_dim=768, depth=24, num_heads=12, skip_lam=3.0, stem_width=128),
 }
+"""The architectures; the training and eval recipe of each is ``RECIPES`` (:func:`recipe_for`)."""
 
 
 def list_models() -> list[str]:
@@ -96,12 +102,16 @@ def model_from_checkpoint(
 
 __all__ = [
     "MODEL_CONFIGS",
+    "RECIPES",
+    "REFERENCE_BATCH",
     "Checkpoint",
     "CheckpointError",
     "ClassCountMismatch",
     "LVViT",
     "LVViTConfig",
+    "Recipe",
     "create_model",
+    "forward_flops_per_image",
     "list_models",
     "load_checkpoint",
     "load_weights",
@@ -109,5 +119,7 @@ __all__ = [
     "model_from_checkpoint",
     "read_checkpoint",
     "read_state_dict",
+    "recipe_for",
     "resize_pos_embed",
+    "train_flops_per_image",
 ]

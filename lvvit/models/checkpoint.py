@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lvvit.errors import LvvitError
 from lvvit.models.lvvit import LVViT, init_linear
 
 _logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 HEAD_PREFIXES = ("head.", "aux_head.")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LvvitError, ValueError):
     """A checkpoint file that cannot be read, or whose weights do not fit the model."""
 
 

@@ -20,7 +20,13 @@ MixBox = tuple[int, int, int, int]
 
 @dataclass(frozen=True)
 class LVViTConfig:
-    """Architecture of one variant. ``img_size`` only sets the length of ``pos_embed``."""
+    """Architecture of one variant. ``img_size`` only sets the length of ``pos_embed``.
+
+    The named variants (``lvvit.models.MODEL_CONFIGS``) take ``drop_path_rate`` and
+    ``crop_pct`` from their official recipe (``lvvit.models.recipe_for``); the eval transform
+    reads ``crop_pct`` here so that a ``--model-arg crop_pct=...`` override travels with the
+    model (export metadata, eval loader).
+    """
 
     embed_dim: int
     depth: int

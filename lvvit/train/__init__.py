@@ -8,9 +8,9 @@ from __future__ import annotations
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lvvit.train.loop import main as run_main
+    from lvvit.train.cli import main as cli_main
 
-    run_main(argv)
+    cli_main(argv)
 
 
 __all__ = ["main"]

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from lvvit import atomic
-from lvvit.errors import first_line
+from lvvit.errors import ConfigError, exits_on_error, first_line
 from lvvit.models.checkpoint import CheckpointError, check_data, load_data
 from lvvit.train.ema import ModelEma
 from lvvit.train.state import GlobalBatchMismatch, TrainState
@@ -281,7 +281,7 @@ class Checkpointer:
 
         ``which``: ``latest``, a tag in the checkpoint folder, or a tag folder anywhere. Every
         rank checks every file of the tag before DeepSpeed reads any, so a bad file stops all
-        ranks alike with one line naming it (``SystemExit``).
+        ranks alike with one line naming it (``ConfigError``).
         """
         try:
             tag_dir = self.locate(which)
@@ -290,12 +290,12 @@ class Checkpointer:
             if self.ema is not None:
                 self.restore_ema(tag_dir)
         except (CheckpointError, FileNotFoundError) as err:
-            raise SystemExit(f"--resume: {err}") from None
+            raise ConfigError(f"--resume: {err}") from None
         ours = self.load_engine(tag_dir).get("lvvit", {})
         try:
             self.state.load_state_dict(ours)
         except GlobalBatchMismatch as err:
-            raise SystemExit(f"--resume {tag_dir}: {err}") from None
+            raise ConfigError(f"--resume {tag_dir}: {err}") from None
         self.state.step = self.engine.global_steps
         if rng is not None:
             set_rng_state(rng)
@@ -344,9 +344,9 @@ class Checkpointer:
             with deepspeed_loads_data_only():
                 load_path, client_state = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         except Exception as err:  # DeepSpeed reports damaged files with many exception types
-            raise SystemExit(f"--resume: DeepSpeed cannot load {tag_dir}: {first_line(err)}") from None
+            raise ConfigError(f"--resume: DeepSpeed cannot load {tag_dir}: {first_line(err)}") from None
         if load_path is None:
-            raise SystemExit(f"--resume: DeepSpeed could not load a checkpoint from {tag_dir}")
+            raise ConfigError(f"--resume: DeepSpeed could not load a checkpoint from {tag_dir}")
         return client_state
 
 
@@ -430,10 +430,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tag", default=None, help="default: the 'latest' one")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    try:
-        path = consolidate(args.checkpoint_dir, args.tag, args.out)
-    except (CheckpointError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
+    with exits_on_error():
+        try:
+            path = consolidate(args.checkpoint_dir, args.tag, args.out)
+        except (CheckpointError, FileNotFoundError) as err:
+            raise ConfigError(f"error: {err}") from None
     print(f"wrote {path}")
 
 

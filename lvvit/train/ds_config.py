@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lvvit import jsonload
+from lvvit.errors import ConfigError
 
 
 def load_ds_config(path: Path) -> dict:
@@ -22,11 +23,9 @@ def load_ds_config(path: Path) -> dict:
     does not read: DeepSpeed ignores an unknown top-level key, so ``zero_optimisation``
     would train a whole run at ZeRO stage 0."""
     try:
-        cfg = jsonload.loads(path.read_bytes())
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"--deepspeed_config {path}: {e}") from e
-    if not isinstance(cfg, dict):
-        raise SystemExit(f"--deepspeed_config {path}: expected a JSON object")
+        cfg = jsonload.load_object(path)
+    except ConfigError as err:  # "{path}: {problem}"
+        raise ConfigError(f"--deepspeed_config {err}") from None
     check_ds_config(cfg, f"--deepspeed_config {path}")
     return cfg
 
@@ -133,13 +132,13 @@ def _check_keys(cfg: dict, schema: Schema, where: str, origin: str) -> None:
         if key not in schema:
             close = difflib.get_close_matches(key, schema, n=1)
             hint = f" (did you mean {where + close[0]!r}?)" if close else ""
-            raise SystemExit(f"{origin}: unknown key {name!r}{hint}")
+            raise ConfigError(f"{origin}: unknown key {name!r}{hint}")
         sub = schema[key]
         if sub is None:
             continue
         if not isinstance(value, dict):
             if sub and value is not None:
-                raise SystemExit(f"{origin}: {name!r} must be a JSON object, not {value!r}")
+                raise ConfigError(f"{origin}: {name!r} must be a JSON object, not {value!r}")
             continue
         _check_keys(value, sub, f"{name}.", origin)
 
@@ -160,11 +159,11 @@ def check_ds_config(cfg: dict, origin: str = "deepspeed config") -> None:
     _check_section_values(cfg, origin)
     clip = cfg.get(K.GRADIENT_CLIPPING)
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, int | float) or clip < 0):
-        raise SystemExit(f"{origin}: {K.GRADIENT_CLIPPING} {clip!r} is not a number >= 0")
+        raise ConfigError(f"{origin}: {K.GRADIENT_CLIPPING} {clip!r} is not a number >= 0")
     zero = cfg.get("zero_optimization") or {}
     low = [k for k in ("bf16", "bfloat16", "fp16") if (cfg.get(k) or {}).get("enabled")]
     if low and zero.get("stage", 0) == 0:
-        raise SystemExit(f"{origin}: {low[0]} needs zero_optimization.stage >= 1 (stage 0 keeps the fp32 "
+        raise ConfigError(f"{origin}: {low[0]} needs zero_optimization.stage >= 1 (stage 0 keeps the fp32 "
                          "master weights where no fp32 weights.pth can be written from)")
 
 
@@ -183,4 +182,4 @@ def _check_section_values(cfg: dict, origin: str) -> None:
             except ValidationError as e:
                 first = e.errors()[0]
                 field = ".".join(str(part) for part in (key, *first["loc"]))
-                raise SystemExit(f"{origin}: {field}: {first['msg']}") from None
+                raise ConfigError(f"{origin}: {field}: {first['msg']}") from None

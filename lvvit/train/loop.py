@@ -7,7 +7,6 @@ are rank 0's.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import itertools
 import json
@@ -22,8 +21,10 @@ import torch
 import torch.distributed as dist
 
 from lvvit import atomic
-from lvvit.train import config as C
+from lvvit.errors import ConfigError
+from lvvit.models import train_flops_per_image
 from lvvit.train.checkpointing import WEIGHTS_FILE, Checkpointer, SavePolicy
+from lvvit.train.config import RunConfig, TrainConfig, open_source, prepare, randaug_ops
 from lvvit.train.engine import (
     build_engine,
     engine_dtype,
@@ -32,6 +33,7 @@ from lvvit.train.engine import (
     weights_finite,
 )
 from lvvit.train.metrics import NonFinitePolicy, StepMetrics, log_line
+from lvvit.train.mfu import device_peak_flops
 from lvvit.train.output_lock import lock_output
 from lvvit.train.preemption import (
     PREEMPTED_EXIT,
@@ -40,9 +42,9 @@ from lvvit.train.preemption import (
     Terminated,
     end_status,
     exit_now,
-    parse_signals,
     raise_on_sigterm,
 )
+from lvvit.train.sample_log import SampleLog
 from lvvit.train.state import TrainState
 from lvvit.train.step import Objective, train_step
 from lvvit.train.tracking import flatten, git_commit, make_tracker, read_run_file
@@ -64,6 +66,22 @@ class NonFiniteLoss(RuntimeError):
     """Raised under ``--nan-policy stop``; the message names the checkpoint to resume from."""
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed of optimizer step ``step`` on ``rank`` (MixToken boxes, drop path): a
+    function of the run's position, not of the RNG's history, so a resumed step draws what
+    the uninterrupted one drew."""
+    return ((seed * 1_000_003 + step) * 65_537 + rank) % (1 << 63)
+
+
+def popped_keys(batches: Iterator[dict[str, Any]], log: SampleLog | None) -> Iterator[dict[str, Any]]:
+    """The batches without their ``keys`` (host strings), which go to ``log``."""
+    for batch in batches:
+        keys = batch.pop("keys", None)
+        if log is not None and keys is not None:
+            log.add(keys)
+        yield batch
+
+
 def train_seed(seed: int, epoch: int, skip_steps: int) -> int:
     """The data stream's seed for ``epoch`` entered after ``skip_steps`` steps (a resume): each
     (epoch, resume point) draws its own shards, order and augmentations, so a resumed epoch
@@ -73,7 +91,7 @@ def train_seed(seed: int, epoch: int, skip_steps: int) -> int:
 
 
 def build_model(
-    args: argparse.Namespace, num_classes: int, load: bool = True
+    config: TrainConfig, num_classes: int, load: bool = True
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model, with ``--finetune`` weights unless ``load`` is off. Under ``--eval-only`` a
     class count that differs from the file's is an error: re-initialised heads would be
@@ -81,127 +99,145 @@ def build_model(
     from lvvit.models import model_from_checkpoint
     from lvvit.models.checkpoint import CheckpointError, ClassCountMismatch, read_checkpoint
 
-    model_args = {"name": args.model, "img_size": args.img_size, "num_classes": num_classes,
-                  **args.model_overrides}
+    m = config.model
+    model_args = {"name": m.name, "img_size": m.img_size, "num_classes": num_classes, **m.overrides}
     try:
-        checkpoint = read_checkpoint(args.finetune) if args.finetune is not None and load else None
+        checkpoint = read_checkpoint(m.finetune) if m.finetune is not None and load else None
         model = model_from_checkpoint(
-            checkpoint=checkpoint, keep_classes=args.eval_only, drop_path_rate=args.drop_path,
-            mix_token=args.mix_token, **model_args)
+            checkpoint=checkpoint, keep_classes=config.tracking.eval_only, drop_path_rate=m.drop_path,
+            mix_token=m.mix_token, **model_args)
     except ClassCountMismatch as err:
-        raise SystemExit(f"--eval-only: {err} (set --num-classes {err.found})") from None
+        raise ConfigError(f"--eval-only: {err} (set --num-classes {err.found})") from None
     except (CheckpointError, FileNotFoundError) as err:
-        raise SystemExit(f"--finetune: {err}") from None
-    if args.grad_checkpointing:
+        raise ConfigError(f"--finetune: {err}") from None
+    if m.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model, model_args
 
 
-def ema_from_file(args: argparse.Namespace, num_classes: int, module: torch.nn.Module) -> ModelEma | None:
+def ema_from_file(config: TrainConfig, num_classes: int, module: torch.nn.Module) -> ModelEma | None:
     """The EMA weights of ``--finetune`` as the run's EMA (``None`` when it has none), adapted
     to the model like the raw weights (pos_embed at another resolution)."""
     from lvvit.models.checkpoint import CheckpointError, load_weights, read_checkpoint
     from lvvit.train.ema import ModelEma
 
     try:
-        checkpoint = read_checkpoint(args.finetune, use_ema=True)
+        checkpoint = read_checkpoint(config.model.finetune, use_ema=True)
     except CheckpointError:
-        log.info("%s has no EMA weights: evaluating the raw weights only", args.finetune)
+        log.info("%s has no EMA weights: evaluating the raw weights only", config.model.finetune)
         return None
-    model, _ = build_model(args, num_classes, load=False)
+    model, _ = build_model(config, num_classes, load=False)
     load_weights(model, checkpoint)
-    ema = ModelEma(module, args.ema_decay)
+    ema = ModelEma(module, config.optim.ema_decay)
     ema.load_full_state_dict(model.state_dict())
     return ema
 
 
-def build_objective(args: argparse.Namespace, num_classes: int, engine, device: torch.device) -> Objective:
+def build_objective(config: TrainConfig, num_classes: int, engine, device: torch.device) -> Objective:
     """Loss and target geometry for ``train_step``; the token grid is the model's own
     (``img_size // patch_size``)."""
     from lvvit.train.loss import TokenLabelingLoss
 
-    loss_fn = TokenLabelingLoss(cls_weight=args.cls_weight, dense_weight=args.dense_weight,
-                                smoothing=args.smoothing, ground_truth=args.ground_truth)
-    return Objective(loss_fn=torch.compile(loss_fn) if args.compile else loss_fn, num_classes=num_classes,
-                     token_grid=engine.module.cfg.grid_size, smoothing=args.smoothing, device=device,
+    loss = config.loss
+    loss_fn = TokenLabelingLoss(cls_weight=loss.cls_weight, dense_weight=loss.dense_weight,
+                                smoothing=loss.smoothing, ground_truth=loss.ground_truth)
+    return Objective(loss_fn=torch.compile(loss_fn) if config.model.compile else loss_fn, num_classes=num_classes,
+                     token_grid=engine.module.cfg.grid_size, smoothing=loss.smoothing, device=device,
                      dtype=engine_dtype(engine))
 
 
-def engine_for(args: argparse.Namespace, run_config: C.RunConfig, num_classes: int,
+def engine_for(config: TrainConfig, run_config: RunConfig, num_classes: int,
                rank: int) -> tuple[Any, dict[str, Any]]:
     """The model (identical initial weights on every rank) inside a DeepSpeed engine whose
     lr follows our schedule per optimizer step; compiled under ``--compile``."""
     from lvvit.train.schedule import WarmupCosineSchedule
 
-    seed_everything(args.seed)
-    model, model_args = build_model(args, num_classes)
+    seed = config.optim.seed
+    seed_everything(seed)
+    model, model_args = build_model(config, num_classes)
+    s = config.schedule
     schedule = WarmupCosineSchedule(
-        lr=run_config.lr, min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
-        epochs=args.epochs, steps_per_epoch=run_config.steps_per_epoch)
-    engine = build_engine(model, run_config.ds_config, args.weight_decay, schedule)
-    seed_everything(args.seed + rank)  # different augmentation, drop path, mixing per rank
-    if args.compile:
+        lr=run_config.lr, min_lr=config.optim.min_lr, warmup_lr=s.warmup_lr, warmup_epochs=s.warmup_epochs,
+        epochs=s.epochs, steps_per_epoch=run_config.steps_per_epoch)
+    engine = build_engine(model, run_config.ds_config, config.optim.weight_decay, schedule)
+    seed_everything(seed + rank)  # different augmentation, drop path, mixing per rank
+    if config.model.compile:
         engine.compile()  # the module in place: state_dict keys (checkpoints) stay the same
     return engine, model_args
 
 
-def ema_for(args: argparse.Namespace, num_classes: int, module: torch.nn.Module) -> ModelEma | None:
+def ema_for(config: TrainConfig, num_classes: int, module: torch.nn.Module) -> ModelEma | None:
     """The EMA of the weights; under ``--eval-only --finetune FILE``, the file's EMA."""
     from lvvit.train.ema import ModelEma
 
-    if not args.model_ema:
+    if not config.optim.model_ema:
         return None
-    if args.eval_only and args.finetune is not None:
-        return ema_from_file(args, num_classes, module)
-    return ModelEma(module, args.ema_decay)
+    if config.tracking.eval_only and config.model.finetune is not None:
+        return ema_from_file(config, num_classes, module)
+    return ModelEma(module, config.optim.ema_decay)
 
 
 def train_batches(trainer: Trainer, epoch: int, skip_steps: int):
-    """This epoch's remaining micro batches, drawn with ``train_seed``."""
+    """This epoch's remaining micro batches: under ``--sampling epoch`` the epoch's order from
+    where the checkpoint left it; resampled, drawn with ``train_seed``."""
     from lvvit.loader.pipeline import train_loader
     from lvvit.loader.transforms import RandAugment
 
-    a, t = trainer.args, trainer
-    ops = C.RANDAUG_OPS.get(a.model, 2) if a.randaug_ops is None else a.randaug_ops
-    randaugment = RandAugment(num_ops=ops, magnitude=a.randaug_magnitude,
-                              magnitude_std=a.randaug_mstd) if ops > 0 else None
-    return train_loader(
-        t.train_source, batch_size=t.plan.micro_batch, img_size=a.img_size,
-        num_workers=a.workers, erase_prob=a.reprob, world_size=t.world,
-        randaugment=randaugment, scale=tuple(a.scale), hflip=a.hflip,
-        steps_per_epoch=(t.steps_per_epoch - skip_steps) * t.plan.grad_accum,
-        seed=train_seed(a.seed, epoch, skip_steps), pin_memory=t.device.type == "cuda")
+    c, t = trainer.config, trainer
+    aug = c.augment
+    ops = randaug_ops(c.model.name, aug)
+    randaugment = RandAugment(num_ops=ops, magnitude=aug.randaug_magnitude,
+                              magnitude_std=aug.randaug_mstd) if ops > 0 else None
+    common = dict(batch_size=t.plan.micro_batch, img_size=c.model.img_size, num_workers=c.data.workers,
+                  erase_prob=aug.reprob, world_size=t.world, randaugment=randaugment, scale=aug.scale,
+                  hflip=aug.hflip, pin_memory=t.device.type == "cuda")
+    if t.sampling == "epoch":
+        return train_loader(t.train_source, sampling="epoch", epoch=epoch, rank=t.rank, seed=c.optim.seed,
+                            steps_per_epoch=t.steps_per_epoch * t.plan.grad_accum,
+                            position=resume_position(t.state), **common)
+    return train_loader(t.train_source, steps_per_epoch=(t.steps_per_epoch - skip_steps) * t.plan.grad_accum,
+                        seed=train_seed(c.optim.seed, epoch, skip_steps), keys=t.sample_log is not None, **common)
 
 
-def resume_choice(args: argparse.Namespace, directory: Path) -> str | None:
+def resume_position(state: TrainState) -> list[dict] | None:
+    """Every rank's saved loader position in the current epoch (``None``: start it). The
+    loader takes its own rank's when the layout is the same (exact), else the samples no
+    old rank had reached."""
+    saved = state.data_positions
+    if not saved or state.step_in_epoch == 0 or any(p.get("epoch") != state.epoch for p in saved):
+        return None
+    return saved
+
+
+def resume_choice(config: TrainConfig, directory: Path) -> str | None:
     """The checkpoint ``--resume`` names; ``auto`` is ``latest`` when there is one, else a
     fresh start, so that a requeued job runs the same command line."""
-    which = args.resume
+    which = config.checkpoint.resume
     if which != "auto":
         return which
-    name = "latest_universal" if args.universal else "latest"
+    name = "latest_universal" if config.checkpoint.universal else "latest"
     if (directory / name).is_file():
         log.info("--resume auto: resuming from %s", directory / name)
         return "latest"
-    if args.eval_only:
-        raise SystemExit(f"--resume auto: no checkpoint to evaluate in {directory} (no '{name}' file)")
+    if config.tracking.eval_only:
+        raise ConfigError(f"--resume auto: no checkpoint to evaluate in {directory} (no '{name}' file)")
     log.info("--resume auto: no checkpoint in %s (no '%s' file), starting fresh", directory, name)
     return None
 
 
-def run_tags(args: argparse.Namespace, ds_config: dict, world: int, dtype: torch.dtype) -> dict[str, str]:
+def run_tags(config: TrainConfig, ds_config: dict, world: int, dtype: torch.dtype) -> dict[str, str]:
     zero = ds_config.get("zero_optimization", {}).get("stage", 0)
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
     return {"git_commit": git_commit(), "mlflow.source.git.commit": git_commit(),
-            "world_size": str(world), "zero_stage": str(zero), "model": args.model,
-            "precision": precision, "img_size": str(args.img_size)}
+            "world_size": str(world), "zero_stage": str(zero), "model": config.model.name,
+            "precision": precision, "img_size": str(config.model.img_size)}
 
 
 def log_setup(trainer: Trainer, ds_path: Path) -> None:
     """The run's options, resolved numbers and DeepSpeed JSON as MLflow params and artifacts."""
     t, plan = trainer, trainer.plan
-    opts = {k: (str(v) if isinstance(v, Path | list | dict) or v is None else v)
-            for k, v in vars(t.args).items() if k not in ("local_rank",)}
+    opts = {k: (str(v) if isinstance(v, Path | list | tuple | dict) or v is None else v)
+            for k, v in t.config.options().items()}
     derived = {"global_batch": plan.global_batch, "micro_batch": plan.micro_batch,
                "grad_accum": plan.grad_accum, "micro_batch_source": plan.sources["micro_batch"],
                "grad_accum_source": plan.sources["grad_accum"], "peak_lr": t.lr,
@@ -214,8 +250,8 @@ def log_setup(trainer: Trainer, ds_path: Path) -> None:
     t.tracker.log_params({**opts, **{f"resolved.{k}": v for k, v in derived.items()},
                           **{f"ds.{k}": v for k, v in flatten(t.ds_config).items()}})
     t.tracker.log_dict(t.ds_config, "ds_config.json")
-    if t.args.config is not None:
-        t.tracker.log_artifact(t.args.config)
+    if t.config.config_file is not None:
+        t.tracker.log_artifact(t.config.config_file)
 
 
 class Trainer:
@@ -224,39 +260,46 @@ class Trainer:
     ``NonFinitePolicy``, the ``Validator``, ``Preemption`` and the tracker.
     ``run()`` returns the final eval metrics."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = c = config
+        out = c.checkpoint.output
         self.rank, self.world, self.device = init_distributed()
-        self.preemption = Preemption(parse_signals(args.preempt_signals), args.preempt_grace)
-        run_config = C.prepare(args, self.world)  # every config check, before the model exists
-        args.output.mkdir(parents=True, exist_ok=True)
-        self.output_lock = None if args.eval_only else lock_output(args.output, self.rank)  # before compute
+        self.preemption = Preemption(c.preemption.signals, c.preemption.grace)
+        run_config = prepare(c, self.world)  # every config check, before the model exists
+        out.mkdir(parents=True, exist_ok=True)
+        eval_only = c.tracking.eval_only
+        self.output_lock = None if eval_only else lock_output(out, self.rank)  # before compute
         self.ds_config, self.plan = run_config.ds_config, run_config.plan
         self.lr, self.steps_per_epoch = run_config.lr, run_config.steps_per_epoch
-        self.total_epochs = args.epochs + args.cooldown_epochs
-        self.train_source = run_config.train_source
-        self.eval_source = (C.open_source("--eval-shards", args.eval_shards, args.eval_manifest, args)
-                            if args.eval_shards and args.eval else None)
+        self.train_source, self.sampling = run_config.train_source, run_config.sampling
+        self.sample_log = SampleLog(c.data.sample_log, self.rank) if c.data.sample_log and not eval_only else None
+        self.loader = None  # the current epoch's (its position goes into checkpoints)
+        self.eval_source = (open_source("--eval-shards", c.data.eval_shards, c.data.eval_manifest, c.data.access)
+                            if c.data.eval_shards and c.tracking.eval else None)
         source = self.train_source or self.eval_source
         self.classes = source.classes if source is not None else None
-        self.num_classes = args.num_classes or (len(self.classes) if self.classes else 1000)
-        self.engine, self.model_args = engine_for(args, run_config, self.num_classes, self.rank)
+        self.num_classes = c.model.num_classes or (len(self.classes) if self.classes else 1000)
+        self.engine, self.model_args = engine_for(c, run_config, self.num_classes, self.rank)
         self.dtype = engine_dtype(self.engine)
-        self.ema = ema_for(args, self.num_classes, self.engine.module)
-        self.state = TrainState(None if args.eval_only else self.plan.global_batch)
-        self.checkpointer = Checkpointer(self.engine, args.output / "checkpoints", args.keep, self.ema,
-                                         self.state, SavePolicy(args.save_every, args.max_steps))
-        self.objective = build_objective(args, self.num_classes, self.engine, self.device)
+        self.ema = ema_for(c, self.num_classes, self.engine.module)
+        self.state = TrainState(None if eval_only else self.plan.global_batch)
+        self.checkpointer = Checkpointer(self.engine, out / "checkpoints", c.checkpoint.keep, self.ema,
+                                         self.state, SavePolicy(c.checkpoint.save_every, c.optim.max_steps))
+        self.objective = build_objective(c, self.num_classes, self.engine, self.device)
         self.validator = Validator(self.engine, self.ema, self.eval_batches, self.device, self.dtype)
-        self.resume_from = resume_choice(args, self.checkpointer.directory)
+        self.resume_from = resume_choice(c, self.checkpointer.directory)
         run_id = self.resume(self.resume_from) if self.resume_from is not None else None
+        t = c.tracking
         self.tracker = make_tracker(
-            args.mlflow, self.rank, args.experiment,
-            args.run_name or f"{args.model}-{args.img_size}{'-eval' if args.eval_only else ''}", args.output,
-            run_tags(args, self.ds_config, self.world, self.dtype), None if args.eval_only else run_id,
-            args.system_metrics, record=not args.eval_only, strict=args.strict_tracking)
-        self.metrics = StepMetrics(self.device, args.log_every, self.plan.global_batch)
-        self.nan_policy = NonFinitePolicy(args.nan_policy)
+            t.mlflow, self.rank, t.experiment,
+            t.run_name or f"{c.model.name}-{c.model.img_size}{'-eval' if eval_only else ''}", out,
+            run_tags(c, self.ds_config, self.world, self.dtype), None if eval_only else run_id,
+            t.system_metrics, record=not eval_only, strict=t.strict_tracking)
+        self.metrics = StepMetrics(
+            self.device, t.log_every, self.plan.global_batch, world_size=self.world,
+            flops_per_sample=train_flops_per_image(self.engine.module.cfg),  # model FLOPs: MFU, not HFU
+            peak_flops=device_peak_flops(self.device, self.dtype))
+        self.nan_policy = NonFinitePolicy(c.optim.nan_policy)
         log_setup(self, run_config.ds_path)
 
     def resume(self, which: str) -> str | None:
@@ -265,19 +308,25 @@ class Trainer:
         log.info("resumed at step %d (epoch %d, step %d in it)", self.engine.global_steps,
                  self.state.epoch, self.state.step_in_epoch)
         run_id = ours.get("mlflow_run_id")
-        return run_id if run_id is not None else (read_run_file(self.args.output) or {}).get("run_id")
+        return run_id if run_id is not None else (read_run_file(self.config.checkpoint.output) or {}).get("run_id")
 
     def eval_batches(self):
         """A fresh eval loader, its first batch fetched with the preemption signals blocked."""
         from lvvit.loader.pipeline import eval_loader
 
-        a = self.args
+        c = self.config
         return self.preemption.shielded(eval_loader(
-            self.eval_source, batch_size=a.eval_batch or self.plan.micro_batch,
-            img_size=a.img_size, crop_pct=self.engine.module.cfg.crop_pct, num_workers=a.workers,
+            self.eval_source, batch_size=c.data.eval_batch or self.plan.micro_batch,
+            img_size=c.model.img_size, crop_pct=self.engine.module.cfg.crop_pct, num_workers=c.data.workers,
             world_size=self.world, rank=self.rank, pin_memory=self.device.type == "cuda"))
 
     def save(self) -> str:
+        """Collective: a checkpoint of this step, with every rank's loader position mid-epoch."""
+        mid_epoch = self.sampling == "epoch" and self.loader is not None and self.state.step_in_epoch > 0
+        positions = [None] * self.world if mid_epoch else None
+        if positions is not None:
+            dist.all_gather_object(positions, self.loader.position())
+        self.state.data_positions = positions
         tag = self.checkpointer.save({"mlflow_run_id": self.tracker.run_id, "model_args": self.model_args})
         self.broadcast_run_id()
         return tag
@@ -294,16 +343,16 @@ class Trainer:
         self.broadcast_run_id()
         self.preemption.install()
         metrics: dict[str, float] = {}
-        while self.state.epoch < self.total_epochs:
+        while self.state.epoch < self.config.schedule.total_epochs:
             if not self.train_epoch():
                 log.info("stopped at --max-steps %d; resume with --resume", self.engine.global_steps)
                 self.tracker.finish("KILLED")
                 return metrics
             metrics = self.end_epoch()
-            if self.state.epoch < self.total_epochs and self.preemption.settle():
+            if self.state.epoch < self.config.schedule.total_epochs and self.preemption.settle():
                 self.stop_preempted()
         if not self.checkpointer.weights_written:  # resumed from the last epoch's checkpoint
-            self.checkpointer.write_weights(self.args.output / WEIGHTS_FILE, self.model_args)
+            self.checkpointer.write_weights(self.config.checkpoint.output / WEIGHTS_FILE, self.model_args)
         self.finish()
         return metrics
 
@@ -320,10 +369,13 @@ class Trainer:
         # closed on the way out: a stop mid-epoch shuts the loader's workers down now
         with contextlib.closing(self.step_batches()) as steps:
             for micro_batches in steps:
+                torch.manual_seed(step_seed(self.config.optim.seed, self.engine.global_steps + 1, self.rank))
                 stats = train_step(self.engine, self.objective, micro_batches)
                 if self.ema is not None:
                     self.ema.update()
                 step = self.engine.global_steps
+                if self.sample_log is not None:
+                    self.sample_log.write(step)
                 epoch_done = self.state.advance(step, self.steps_per_epoch)
                 self.metrics.add(stats)
                 preempted = self.preemption.poll()
@@ -352,8 +404,9 @@ class Trainer:
         remaining = self.steps_per_epoch - self.state.step_in_epoch
         if remaining <= 0:
             return
-        loader = self.preemption.shielded(train_batches(self, self.state.epoch, self.state.step_in_epoch))
-        batches = self.metrics.waited_on(loader)
+        self.loader = train_batches(self, self.state.epoch, self.state.step_in_epoch)
+        loader = self.preemption.shielded(self.loader)
+        batches = popped_keys(self.metrics.waited_on(loader), self.sample_log)
         try:
             for _ in range(remaining):
                 first = next(batches, None)
@@ -386,7 +439,7 @@ class Trainer:
             self.save()
         raise NonFiniteLoss(
             f"non-finite loss in {where} (epoch {self.state.epoch}); it was not applied (zero gradient). "
-            f"Last good checkpoint: {self.checkpointer.last_tag or 'none'} in {self.args.output / 'checkpoints'}. "
+            f"Last good checkpoint: {self.checkpointer.last_tag or 'none'} in {self.checkpointer.directory}. "
             "Resume with --resume (lower --lr, set --clip-grad) or run with --nan-policy skip.")
 
     def end_epoch(self) -> dict[str, float]:
@@ -403,17 +456,17 @@ class Trainer:
         if self.ema is not None:
             self.ema.reduce_buffers()
         epoch = self.state.epoch
-        last = epoch + 1 == self.total_epochs
+        last = epoch + 1 == self.config.schedule.total_epochs
         metrics = {} if last else self.eval_epoch(epoch)
         self.state.next_epoch()
         self.save()
         if last:
-            self.checkpointer.write_weights(self.args.output / WEIGHTS_FILE, self.model_args)
+            self.checkpointer.write_weights(self.config.checkpoint.output / WEIGHTS_FILE, self.model_args)
             metrics = self.eval_epoch(epoch)
         return metrics
 
     def eval_epoch(self, epoch: int) -> dict[str, float]:
-        if not (self.args.eval and self.args.eval_shards):
+        if self.eval_source is None:
             return {}
         metrics = self.validator()
         self.tracker.log_metrics(metrics, step=self.engine.global_steps)
@@ -421,32 +474,9 @@ class Trainer:
             log.info("epoch %d eval %s", epoch, metrics)
         return metrics
 
-    def eval_only(self) -> dict[str, float]:
-        """Evaluate what was loaded, write ``OUTPUT/eval.json`` (rank 0) and close the run.
-
-        Nothing is trained and nothing saved: the optimizer exists only because DeepSpeed
-        builds the engine (and, under ZeRO-3, partitions the weights) with it.
-        """
-        a = self.args
-        source = self.checkpointer.loaded_from if self.resume_from is not None else a.finetune
-        metrics = self.validator()
-        self.tracker.log_metrics(metrics, step=self.engine.global_steps)
-        if self.rank == 0:
-            record = {"source": str(source), "step": self.engine.global_steps, "world_size": self.world,
-                      "eval_shards": a.eval_shards, "metrics": metrics}
-            path = a.output / EVAL_FILE
-            atomic.write_json(path, record)
-            self.tracker.log_params({"eval_source": str(source)})
-            self.tracker.log_artifact(path)
-            log.info("eval of %s: %s; wrote %s", source, metrics, path)
-            print(json.dumps(record), flush=True)
-        dist.barrier()
-        self.tracker.finish("FINISHED")
-        return metrics
-
     def finish(self) -> None:
         """The artifacts (``weights.pth`` is on disk already), then close the run."""
-        out = self.args.output
+        out = self.config.checkpoint.output
         if self.rank == 0:
             self.tracker.log_artifact(out / WEIGHTS_FILE)
             if self.classes is not None:
@@ -456,18 +486,43 @@ class Trainer:
         self.tracker.finish("FINISHED")
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    args = C.parse_args(argv)
+def evaluate_only(trainer: Trainer) -> dict[str, float]:
+    """Evaluate what was loaded, write ``OUTPUT/eval.json`` (rank 0) and close the run.
+
+    Nothing is trained and nothing saved: the optimizer exists only because DeepSpeed
+    builds the engine (and, under ZeRO-3, partitions the weights) with it.
+    """
+    c = trainer.config
+    source = trainer.checkpointer.loaded_from if trainer.resume_from is not None else c.model.finetune
+    metrics = trainer.validator()
+    trainer.tracker.log_metrics(metrics, step=trainer.engine.global_steps)
+    if trainer.rank == 0:
+        record = {"source": str(source), "step": trainer.engine.global_steps, "world_size": trainer.world,
+                  "eval_shards": c.data.eval_shards, "metrics": metrics}
+        path = c.checkpoint.output / EVAL_FILE
+        atomic.write_json(path, record)
+        trainer.tracker.log_params({"eval_source": str(source)})
+        trainer.tracker.log_artifact(path)
+        log.info("eval of %s: %s; wrote %s", source, metrics, path)
+        print(json.dumps(record), flush=True)
+    dist.barrier()
+    trainer.tracker.finish("FINISHED")
+    return metrics
+
+
+def run(config: TrainConfig) -> None:
+    """Train (or ``--eval-only``) under ``config``, and exit as the run ended: 75 after a
+    preemption checkpoint, 143 on SIGTERM outside the steps; the MLflow run says FAILED or
+    KILLED for every other way out, never FINISHED."""
     raise_on_sigterm()
     try:
-        trainer = Trainer(args)
+        trainer = Trainer(config)
     except Terminated:  # before the first step nothing is lost (docs/training.md, "Preemption")
         log.warning("SIGTERM during set-up; exiting with %d", TERMINATED_EXIT)
         exit_now(TERMINATED_EXIT)
     try:
-        if args.eval_only:
-            trainer.eval_only()
+        if config.tracking.eval_only:
+            evaluate_only(trainer)
         else:
             trainer.run()
     except Preempted:  # checkpoint saved on every rank: close the run inside the grace period
@@ -475,11 +530,11 @@ def main(argv: list[str] | None = None) -> None:
         if trainer.output_lock is not None:  # exit_now skips atexit: the resume finds no stale holder
             trainer.output_lock.release()
         exit_now(PREEMPTED_EXIT)
-    except BaseException as err:  # the MLflow run says FAILED or KILLED, never FINISHED
+    except BaseException as err:
         trainer.tracker.finish(end_status(err))
         if isinstance(err, Terminated):
             raise SystemExit(TERMINATED_EXIT) from None
         raise
 
 
-__all__ = ["NonFiniteLoss", "Trainer", "main", "train_seed"]
+__all__ = ["NonFiniteLoss", "Trainer", "evaluate_only", "run", "step_seed", "train_seed"]

@@ -1,5 +1,6 @@
 """The training metrics: step statistics kept on the device, their names, throughput, the
-share of wall time spent waiting for data, peak device memory, the log line, and
+share of wall time spent waiting for data, model FLOPs utilisation (MFU, when the model's
+FLOPs and the device's peak are known), peak device memory, the log line, and
 ``--nan-policy`` applied where the statistics are read.
 
 Reading the statistics (one all-reduce and one copy to the host) is the loop's only
@@ -19,6 +20,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from lvvit.train.mfu import model_flops_utilization
 from lvvit.train.step import STEP_STATS
 
 log = logging.getLogger("lvvit.train")
@@ -39,13 +41,31 @@ class StepTotals:
 
 
 class StepMetrics:
-    """The step statistics since the last read, and the ``train/*`` metrics made of them."""
+    """The step statistics since the last read, and the ``train/*`` metrics made of them.
 
-    def __init__(self, device: torch.device, log_every: int, global_batch: int) -> None:
+    ``flops_per_sample``: the model's training FLOPs per image
+    (``lvvit.models.train_flops_per_image``); with it the metrics carry
+    ``train/tflops_per_device``, the model TFLOP/s achieved per device. ``peak_flops``: the
+    dense peak FLOP/s of one device (``lvvit.train.mfu.device_peak_flops``, or given by the
+    user); with both, ``train/mfu`` (a fraction) and the log line's ``MFU``. Either unknown
+    (``None``, as on the CPU): left out, not zero. ``world_size``: the devices the global
+    batch runs on, which share it.
+    """
+
+    def __init__(self, device: torch.device, log_every: int, global_batch: int, *,
+                 flops_per_sample: float | None = None, peak_flops: float | None = None,
+                 world_size: int = 1) -> None:
+        if world_size < 1:
+            raise ValueError(f"world_size must be at least 1, got {world_size}")
+        if peak_flops is not None and peak_flops <= 0:
+            raise ValueError(f"peak_flops must be positive, got {peak_flops}")
         self.device = device
         self.sums = torch.zeros(len(STEP_STATS), dtype=torch.float64, device=device)
         self.log_every = log_every
         self.global_batch = global_batch
+        self.flops_per_sample = flops_per_sample
+        self.peak_flops = peak_flops
+        self.world_size = world_size
         self.steps = 0
         self.data_wait = 0.0
         self.started = time.perf_counter()
@@ -87,7 +107,8 @@ class StepMetrics:
     def named(self, totals: StepTotals, lr: float, grad_norm: float | None, epoch: float,
               skipped: int) -> dict[str, float]:
         """The ``train/*`` metrics of a read: mean losses over the finite micro batches,
-        throughput of the global batch, data-wait share, peak memory on a GPU."""
+        throughput of the global batch, data-wait share, achieved model TFLOP/s per device
+        and MFU where known, peak memory on a GPU."""
         stats, n = totals.stats, max(totals.stats["finite_micro_batches"], 1.0)
         wall = totals.step_time * max(totals.steps, 1)
         metrics = {"train/loss": stats["loss"] / n, "train/cls_loss": stats["cls_loss"] / n,
@@ -98,15 +119,30 @@ class StepMetrics:
                    "train/epoch": epoch, "train/skipped_micro_batches": float(skipped)}
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
+        metrics.update(self.utilization(metrics["train/images_per_sec"]))
         if self.device.type == "cuda":
             metrics["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return metrics
 
+    def utilization(self, images_per_sec: float) -> dict[str, float]:
+        """``train/tflops_per_device`` when the model's FLOPs are known, and ``train/mfu``
+        when the device's peak is known too; nothing otherwise."""
+        if self.flops_per_sample is None:
+            return {}
+        per_device = images_per_sec / self.world_size
+        out = {"train/tflops_per_device": self.flops_per_sample * per_device / 1e12}
+        if self.peak_flops is not None:
+            out["train/mfu"] = model_flops_utilization(self.flops_per_sample, per_device, self.peak_flops)
+        return out
+
 
 def log_line(step: int, metrics: dict[str, float]) -> str:
-    """The console line of a logging step."""
-    return (f"step {step} loss {metrics['train/loss']:.4f} lr {metrics['train/lr']:.3g} "
+    """The console line of a logging step (with ``MFU x.x%`` when it is known)."""
+    line = (f"step {step} loss {metrics['train/loss']:.4f} lr {metrics['train/lr']:.3g} "
             f"{metrics['train/images_per_sec']:.1f} img/s")
+    if "train/mfu" in metrics:
+        line += f" MFU {100 * metrics['train/mfu']:.1f}%"
+    return line
 
 
 class NonFinitePolicy:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from lvvit import jsonload
+from lvvit.errors import ConfigError
 
 log = logging.getLogger(__name__)
 LOCK_FILE = ".lock"
@@ -98,7 +99,7 @@ class OutputLock:
 
 
 def lock_output(output: Path, rank: int) -> OutputLock | None:
-    """Rank 0 locks ``output``; every rank raises ``SystemExit`` with rank 0's refusal.
+    """Rank 0 locks ``output``; every rank raises ``ConfigError`` with rank 0's refusal.
     Collective when a process group exists: every rank calls it once, at the same point."""
     lock, refusal = None, None
     if rank == 0:
@@ -111,5 +112,5 @@ def lock_output(output: Path, rank: int) -> OutputLock | None:
         dist.broadcast_object_list(box, src=0)
         refusal = box[0]
     if refusal is not None:
-        raise SystemExit(refusal)
+        raise ConfigError(refusal)
     return lock

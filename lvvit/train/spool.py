@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lvvit import atomic, jsonload
+from lvvit.errors import DataError
 
 log = logging.getLogger("lvvit.train.tracking")
 
@@ -77,7 +78,7 @@ def read_run_file(output: Path, name: str = RUN_FILE) -> dict[str, str] | None:
         if not all(isinstance(v, str) for v in data.values()):
             raise BadRecord("values must be strings")
     except (BadRecord, ValueError) as err:
-        raise SystemExit(f"{path}: {err}") from None
+        raise DataError(f"{path}: {err}") from None
     return data
 
 
@@ -219,13 +220,13 @@ def parse_spool(path: Path, data: bytes, output: Path, runs: set[str]) -> list[d
             if number == len(lines) and not data.endswith(b"\n"):
                 log.warning("%s: dropping a torn last line", path)
                 break
-            raise SystemExit(f"{path}: line {number}: {err}; nothing was sent") from None
+            raise DataError(f"{path}: line {number}: {err}; nothing was sent") from None
         try:
             check_shape(record, output)
             created = created or record["kind"] == "create"
             _check_run(record, runs, created, output)
         except BadRecord as err:
-            raise SystemExit(f"{path}: line {number}: {err}; nothing was sent") from None
+            raise DataError(f"{path}: line {number}: {err}; nothing was sent") from None
         records.append(record)
     return records
 
@@ -277,7 +278,7 @@ class Spool:
                 return [], 0
             size = self.path.stat().st_size
             if size > self.max_bytes:
-                raise SystemExit(f"{self.path}: {size} bytes, over the limit of {self.max_bytes} "
+                raise DataError(f"{self.path}: {size} bytes, over the limit of {self.max_bytes} "
                                  f"(replay --max-spool-mb); nothing was sent")
             with open(self.path, "rb") as f:
                 data = f.read(self.max_bytes + 1)

@@ -29,18 +29,20 @@ class GlobalBatchMismatch(ValueError):
 
 @dataclass
 class TrainState:
-    """Optimizer steps completed (``step``), the epoch, steps completed in it (the data
-    position), and the global batch those steps were taken at (``None`` when nothing is
-    trained, as under ``--eval-only``: any checkpoint's is taken)."""
+    """Optimizer steps completed (``step``), the epoch, steps completed in it, the global
+    batch those steps were taken at (``None`` when nothing is trained, as under
+    ``--eval-only``: any checkpoint's is taken), and under ``--sampling epoch`` every rank's
+    loader position (``lvvit.loader.pipeline.BatchLoader.position``), rank by rank."""
 
     global_batch: int | None
     step: int = 0
     epoch: int = 0
     step_in_epoch: int = 0
+    data_positions: list[dict[str, Any]] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                "global_batch": self.global_batch}
+                "global_batch": self.global_batch, "data_positions": self.data_positions}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from a checkpoint's dict; one saved at another global batch is refused
@@ -54,6 +56,9 @@ class TrainState:
         self.step = int(state.get("step", 0))
         self.epoch = int(state.get("epoch", 0))
         self.step_in_epoch = int(state.get("step_in_epoch", 0))
+        positions = state.get("data_positions")
+        self.data_positions = positions if isinstance(positions, list) and all(
+            isinstance(p, dict) for p in positions) else None
 
     def advance(self, step: int, steps_per_epoch: int) -> bool:
         """One optimizer step done (``step`` is the engine's count); whether it ended the epoch."""

@@ -11,6 +11,19 @@ what is still there when the run ends can be sent later with
 ``python -m lvvit.train.tracking replay OUTPUT``. Every line of a spool is checked before
 any is sent (lvvit/train/spool.py): it can only do what the trainer does, to the runs its
 folder records.
+
+Why not MLflow's own asynchronous logging (``log_metrics(..., synchronous=False)`` or
+``MLFLOW_ENABLE_ASYNC_LOGGING``)? In mlflow 3.17.2 (``utils/async_logging/
+async_logging_queue.py``, tried against a closed port) it hides latency, not an outage:
+batches wait in an unbounded in-memory ``queue.Queue`` for 10 workers calling the ordinary
+``log_batch``; with the server down a batch goes through the HTTP retries (7, backoff 2,
+120 s per request) and is then dropped (logged; ``RunOperations.wait()`` raises). Nothing
+reaches the disk: an ``atexit`` hook drains the queue at a normal exit, and a kill or a
+preemption loses it; ``start_run`` and ending a run stay synchronous. So we keep our
+bounded queue (``QUEUE_SIZE``; full, the record goes to the spool) and the spool file, which
+survives the process and the job and is sent in order when the server answers (by this run,
+the next ``--resume`` or ``replay``); a kill loses only what queued behind the one call in
+flight, whose time :data:`HTTP_DEFAULTS` bounds.
 """
 
 from __future__ import annotations
@@ -28,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from lvvit import atomic
-from lvvit.errors import first_line
+from lvvit.errors import ConfigError, DataError, exits_on_error, first_line
 from lvvit.train.spool import (
     EVAL_RUN_FILE,
     FILE_NAME,
@@ -259,7 +272,7 @@ class MlflowTracker(NullTracker):
             try:
                 self.client.search_experiments(max_results=1)
             except Exception as err:
-                raise SystemExit(f"--strict-tracking: MLflow at {self.client.tracking_uri} is unreachable: "
+                raise ConfigError(f"--strict-tracking: MLflow at {self.client.tracking_uri} is unreachable: "
                                  f"{first_line(err)}") from None
         if self.spool.pending():  # an earlier segment of this run could not send everything
             log.info("%s holds records of an earlier run segment; they are sent first", self.spool.path)
@@ -439,14 +452,14 @@ def replay(output: Path, max_spool_mb: float = MAX_SPOOL_MB) -> str:
 
     spool = Spool(output, max_spool_mb)
     if not spool.pending():
-        raise SystemExit(f"{spool.path}: no spooled records")
+        raise DataError(f"{spool.path}: no spooled records")
     client = MlflowClient(tracking_uri(output))
     records, offset = spool.take()
     runs: list[str] = []
     unsent, _, err = send_all(client, records, None, output, on_run=runs.append)
     spool.settle(unsent, offset)
     if err is not None:
-        raise SystemExit(f"{spool.path}: {len(records) - len(unsent)} of {len(records)} records sent to "
+        raise DataError(f"{spool.path}: {len(records) - len(unsent)} of {len(records)} records sent to "
                          f"{client.tracking_uri}, then {first_line(err)}; the rest stay in the spool")
     targets = sorted({r["run"] for r in records if r.get("run")} | set(runs))
     return f"{len(records)} records sent to {client.tracking_uri}, run {', '.join(targets)}"
@@ -461,7 +474,7 @@ def tracking_uri(output: Path) -> str | None:
     recorded = (read_run_file(output) or {}).get("tracking_uri")
     if recorded is None or recorded.startswith(("http://", "https://")):
         return recorded
-    raise SystemExit(f"{output / RUN_FILE}: tracking_uri {recorded[:200]!r} is not an http(s) server; "
+    raise DataError(f"{output / RUN_FILE}: tracking_uri {recorded[:200]!r} is not an http(s) server; "
                      "set MLFLOW_TRACKING_URI to replay into a local store")
 
 
@@ -479,7 +492,8 @@ def main(argv: list[str] | None = None) -> None:
     if not (0 < args.max_spool_mb < float("inf")):
         parser.error("--max-spool-mb must be positive and finite")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    print(replay(args.output, args.max_spool_mb))
+    with exits_on_error():
+        print(replay(args.output, args.max_spool_mb))
 
 
 if __name__ == "__main__":
