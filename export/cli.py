@@ -69,7 +69,7 @@ from .onnx_export import (
     parity_session,
 )
 from .parity import as_model_input, check_parity, parity_pixels
-from .tracking import find_run_record, log_export, resolve_tracking_uri
+from .tracking import find_run_record, log_export, resolve_tracking_uri, source_datasets
 from .triton import write_triton_repo
 from .weights import (
     ModelSpec,
@@ -382,12 +382,15 @@ def log_to_mlflow(args: argparse.Namespace) -> None:
     """Log to ``--mlflow-run`` (failure is an error) or to the run that trained the checkpoint
     (failure is a warning: the user did not ask, and the export itself is complete)."""
     record = find_run_record(args.checkpoint) if args.checkpoint and not args.mlflow_run else None
-    run_id = args.mlflow_run or (record or {}).get("run_id")
+    trained_by = (record or {}).get("run_id") or checkpoint_run(args)
+    run_id = args.mlflow_run or trained_by
     if not run_id:
         return
+    int8 = args.precision == "int8"
+    datasets = source_datasets(args.calibration_shards, args.calibration_samples, args.eval_shards) if int8 else []
     try:
         uri = log_export(args.out, run_id, args.register_name,
-                         resolve_tracking_uri(args.mlflow_uri, record))
+                         resolve_tracking_uri(args.mlflow_uri, record), datasets, trained_by)
     except ExportError as err:
         if args.mlflow_run:
             raise
@@ -395,6 +398,18 @@ def log_to_mlflow(args: argparse.Namespace) -> None:
         return
     _logger.info("logged to MLflow run %s as %s%s", run_id, uri,
                  f" (registered as {args.register_name!r})" if args.register_name else "")
+
+
+def checkpoint_run(args: argparse.Namespace) -> str | None:
+    """With ``--mlflow-run``: the run that trained the checkpoint, when its folder records one
+    (an unreadable record is only a warning: the user named the run to log to)."""
+    if not (args.checkpoint and args.mlflow_run):
+        return None
+    try:
+        return (find_run_record(args.checkpoint) or {}).get("run_id")
+    except ExportError as err:
+        _logger.warning("the checkpoint's MLflow run is not named: %s", err)
+        return None
 
 
 def triton_repo_dir(args: argparse.Namespace) -> Path | None:

@@ -1,24 +1,33 @@
 """Logging an export to the MLflow run that trained it, and registering the model.
 
 The run comes from ``--mlflow-run`` or from the ``mlflow_run.json`` that training writes
-in its output folder (found by walking up from the checkpoint).
+in its output folder (found by walking up from the checkpoint). Lineage: an int8 export's
+calibration (and ``--eval-shards``) sources become datasets of the run
+(lvvit/train/lineage.py); a ``--mlflow-run`` other than the checkpoint's own run, and the
+registered model version, get the tag ``lvvit.checkpoint_run`` naming the run that trained it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from lvvit import jsonload
+from lvvit.errors import first_line
+from lvvit.train.lineage import CHECKPOINT_RUN_TAG, dataset, send_inputs
 from lvvit.train.tracking import bound_http_requests
 
 from .errors import ExportError
 
 RUN_FILE = "mlflow_run.json"
 """Written by ``lvvit.train.tracking`` in the run's output folder."""
+
+_logger = logging.getLogger(__name__)
 
 
 def find_run_record(checkpoint: Path, levels: int = 3) -> dict | None:
@@ -43,9 +52,13 @@ def log_export(
     run_id: str,
     register_name: str | None = "lvvit",
     tracking_uri: str | None = None,
+    datasets: list[dict[str, Any]] | None = None,
+    checkpoint_run: str | None = None,
 ) -> str:
     """Log ``model.onnx`` (signature + input example), model.json, labels and parity report to
-    ``run_id``; register it under ``register_name``. Returns the logged model's URI."""
+    ``run_id``; register it under ``register_name``; ``datasets`` (:func:`source_datasets`)
+    as the run's inputs; ``checkpoint_run`` (the run that trained the checkpoint) as a tag of
+    the model version and, when it is another run, of ``run_id``. Returns the logged model's URI."""
     import mlflow
     import mlflow.onnx
     import onnx
@@ -91,9 +104,38 @@ def log_export(
         )
         for name in ("parity.json", "model.json", "labels.txt"):
             client.log_artifact(run_id, str(export_dir / name), artifact_path="export")
+        if datasets:
+            send_inputs(client, run_id, datasets)
+        if checkpoint_run and checkpoint_run != run_id:
+            client.set_tag(run_id, CHECKPOINT_RUN_TAG, checkpoint_run)
+        if checkpoint_run and model_info.registered_model_version is not None:
+            client.set_model_version_tag(register_name, str(model_info.registered_model_version),
+                                         CHECKPOINT_RUN_TAG, checkpoint_run)
     except Exception as err:  # MlflowException, connection errors (bounded by bound_http_requests)
         raise ExportError(f"MLflow logging to run {run_id!r} failed: {str(err).splitlines()[0][:300]}") from err
     return model_info.model_uri
+
+
+def source_datasets(calibration: str | None, calibration_samples: int,
+                    eval_shards: str | None) -> list[dict[str, Any]]:
+    """The int8 export's sources as dataset records: the calibration shards (with the
+    samples asked for, at most the source's) and the held-out ``--eval-shards``. A source
+    that cannot be read again now is left out with a warning: the export itself is done."""
+    from lvvit.data.source import resolve
+
+    found = []
+    for spec, context in ((calibration, "calibration"), (eval_shards, "eval")):
+        if not spec:
+            continue
+        try:
+            source = resolve(spec)
+            used = None
+            if context == "calibration":
+                used = calibration_samples if source.total is None else min(calibration_samples, source.total)
+            found.append(dataset(source, context, used))
+        except Exception as err:  # SourceError, an outage: lineage never costs the export
+            _logger.warning("%s %s not logged as an MLflow dataset: %s", context, spec, first_line(err))
+    return found
 
 
 def loadable_providers() -> list[str]:

@@ -119,6 +119,26 @@ def link_or_copy(src: Path, dest: Path) -> None:
         shutil.copyfile(src, dest)
 
 
+def tensor_specs(model_info: dict) -> tuple[TensorSpec, TensorSpec]:
+    """The ONNX graph's input and output as Triton sees them (``model_info``: model.json)."""
+    s = model_info["img_size"]
+    return (TensorSpec(model_info["input_name"], model_info["input_dtype"], (3, s, s)),
+            TensorSpec(model_info["output_name"], "float32", (model_info["num_classes"],)))
+
+
+def onnx_config_text(name: str, model_info: dict, gpu: bool = False, trt_accelerator: bool = False,
+                     max_batch: int | None = None, max_queue_delay_us: int = 2000) -> str:
+    """``config.pbtxt`` of the ``onnxruntime_onnx`` model for an export (``model_info``: its
+    model.json); ``lvvit-serve`` answers Triton's model-configuration extension with it too."""
+    inp, out = tensor_specs(model_info)
+    accel = None
+    if trt_accelerator:
+        # an int8 export is a QDQ graph: INT8 mode makes TensorRT use its scales
+        accel = {"fp16": "FP16", "int8": "INT8"}.get(model_info["precision"], "FP32")
+    return config_text(name, "onnxruntime_onnx", max_batch or model_info["max_batch"], inp, out,
+                       gpu, accel, max_queue_delay_us)
+
+
 def write_triton_repo(
     repo: Path,
     export_dir: Path,
@@ -129,19 +149,12 @@ def write_triton_repo(
     overwrite: bool = False,
 ) -> list[Path]:
     """Model folders for the export in ``export_dir`` (``model_info`` is its ``model.json``)."""
-    s = model_info["img_size"]
-    inp = TensorSpec(model_info["input_name"], model_info["input_dtype"], (3, s, s))
-    out = TensorSpec(model_info["output_name"], "float32", (model_info["num_classes"],))
+    inp, out = tensor_specs(model_info)
     max_batch = model_info["max_batch"]
     labels = export_dir / LABELS_FILE
     onnx_files = {p.name: p for p in sorted(export_dir.glob("model.onnx*"))}
-    accel = None
-    if trt_accelerator:
-        # an int8 export is a QDQ graph: INT8 mode makes TensorRT use its scales
-        accel = {"fp16": "FP16", "int8": "INT8"}.get(model_info["precision"], "FP32")
     written = [write_model(
-        repo, f"{prefix}_onnx",
-        config_text(f"{prefix}_onnx", "onnxruntime_onnx", max_batch, inp, out, gpu, accel),
+        repo, f"{prefix}_onnx", onnx_config_text(f"{prefix}_onnx", model_info, gpu, trt_accelerator),
         onnx_files, labels, overwrite,
     )]
     plan = export_dir / "model.plan"

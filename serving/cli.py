@@ -23,9 +23,15 @@ from pathlib import Path
 
 from lvvit.serving.connections import bound_connections
 from lvvit.serving.engine import serving_providers
-from lvvit.serving.model_dir import ModelDirError, load_model_dir
+from lvvit.serving.model_dir import ModelDir, ModelDirError, load_model_dir
 from lvvit.serving.rest import RestGuard
 from lvvit.serving.settings import ServeOptions, write_settings
+from lvvit.serving.triton_ext import (
+    ModelConfigSchema,
+    install_grpc,
+    install_rest,
+    model_config_text,
+)
 from mlserver import MLServer
 from mlserver.cli.serve import load_settings
 from mlserver.logging import configure_logger, logger
@@ -121,7 +127,7 @@ def check_workers_supported(workers: int) -> None:
         )
 
 
-async def serve(settings_dir: Path, opts: ServeOptions) -> bool:
+async def serve(settings_dir: Path, opts: ServeOptions, model_dir: ModelDir) -> bool:
     """Run MLServer from ``settings_dir`` until a stop signal; False if it stopped on its own
     (MLServer shuts down, without raising, when the model fails to load)."""
     settings, models = await load_settings(str(settings_dir))
@@ -130,6 +136,11 @@ async def serve(settings_dir: Path, opts: ServeOptions) -> bool:
     # its uvicorn server gets the whole-request deadline.
     rest = server._rest_server
     rest._app.add_middleware(RestGuard, max_body_bytes=opts.max_request_bytes)
+    # Triton's conventions: the v2 error shape, and the model-configuration extension.
+    schema = ModelConfigSchema()
+    config = schema.parse(model_config_text(model_dir, opts))
+    install_rest(rest._app, server._data_plane, {opts.model_name: schema.to_json(config)})
+    install_grpc(server._grpc_server, server._data_plane, schema, {opts.model_name: config})
     uvicorn_config = rest._get_config
     rest._get_config = lambda: bound_connections(uvicorn_config(), opts.read_timeout_s)
     stopped_by: list[int] = []
@@ -180,7 +191,7 @@ def serve_model_dir(args: argparse.Namespace) -> int:
         write_settings(settings_dir, model_dir, opts)
         logger.info("MLServer settings in %s%s", settings_dir,
                     "" if keep else " (temporary; --settings-dir keeps them)")
-        clean = asyncio.run(serve(settings_dir, opts))
+        clean = asyncio.run(serve(settings_dir, opts, model_dir))
     finally:
         if not keep:
             shutil.rmtree(settings_dir, ignore_errors=True)

@@ -29,6 +29,7 @@ from mlserver.types import InferenceRequest, MetadataTensor, RequestInput, Respo
 IMAGES, IMAGE_BYTES = "images", "image_bytes"
 LOGITS, LABELS, SCORES = "logits", "labels", "scores"
 OUTPUTS = (LOGITS, LABELS, SCORES)
+CLASSIFICATION = "classification"  # Triton's requested-output parameter (class_count)
 DEFAULT_TOP_K = 5
 V2_DTYPES = {"float32": "FP32", "uint8": "UINT8"}
 NON_NUMERIC_KINDS = {"U": "strings", "S": "strings", "b": "booleans", "O": "nulls or mixed values"}
@@ -224,20 +225,62 @@ def requested_outputs(payload: InferenceRequest) -> list[str]:
     return names
 
 
+def classifications(payload: InferenceRequest, num_classes: int) -> dict[str, int]:
+    """Triton's classification extension: requested outputs with the parameter
+    ``classification: N`` (``InferRequestedOutput(name, class_count=N)`` in tritonclient,
+    int64_param over gRPC) -> {output name: N}, N capped at the class count as Triton does.
+    Only ``logits`` can be classified: ``labels`` and ``scores`` are top-k already."""
+    wanted = {}
+    for output in payload.outputs or []:
+        params = output.parameters
+        value = (params.model_extra or {}).get(CLASSIFICATION) if params is not None else None
+        if value is None:
+            continue
+        where = f"output '{output.name}': parameter '{CLASSIFICATION}'"
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+            raise InvalidInput(f"{where}: {value!r} is not an integer")
+        count = int(value)
+        if count < 0:
+            raise InvalidInput(f"{where}: {count} is negative")
+        if count == 0:  # tritonclient's class_count=0: no classification
+            continue
+        if output.name != LOGITS:
+            raise InvalidInput(f"{where}: only '{LOGITS}' can be classified "
+                               f"('{LABELS}' and '{SCORES}' are top-k already, see top_k)")
+        wanted[output.name] = min(count, num_classes)
+    return wanted
+
+
+def classification_strings(values: np.ndarray, count: int, labels: tuple[str, ...]) -> np.ndarray:
+    """Rows of values -> ``[n, count]`` strings ``"<value>:<index>:<label>"``, highest value
+    first: Triton's format (value as C++ ``std::to_string`` writes a float, i.e. ``%f``)."""
+    top = np.argsort(-values, axis=-1, kind="stable")[:, :count]
+    picked = np.take_along_axis(values, top, axis=-1)
+    return np.array([[f"{v:f}:{i}:{labels[i]}" for v, i in zip(vals, idx, strict=True)]
+                     for vals, idx in zip(picked.tolist(), top.tolist(), strict=True)],
+                    dtype=object).reshape(top.shape)
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=-1, keepdims=True)
 
 
-def encode_outputs(logits: np.ndarray, names: list[str], k: int,
-                   labels: tuple[str, ...]) -> list[ResponseOutput]:
-    """``logits`` rows -> the requested V2 outputs, in the order asked."""
+def encode_outputs(logits: np.ndarray, names: list[str], k: int, labels: tuple[str, ...],
+                   classify: dict[str, int] | None = None) -> list[ResponseOutput]:
+    """``logits`` rows -> the requested V2 outputs, in the order asked; an output in
+    ``classify`` comes back as Triton's classification strings (BYTES ``[n, N]``)."""
     logits = np.asarray(logits, dtype=np.float32)
     probs = softmax(logits.astype(np.float64))
     top = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
     outputs = {}
-    if LOGITS in names:
+    if LOGITS in (classify or {}):
+        strings = classification_strings(logits, classify[LOGITS], labels)
+        out = StringCodec.encode_output(LOGITS, strings.ravel().tolist())
+        out.shape = list(strings.shape)
+        outputs[LOGITS] = out
+    elif LOGITS in names:
         outputs[LOGITS] = ResponseOutput(name=LOGITS, datatype="FP32", shape=list(logits.shape),
                                          data=logits.ravel().tolist())
     if SCORES in names:

@@ -39,6 +39,7 @@ from lvvit.serving.protocol import (
     IMAGES,
     InputSpec,
     InvalidInput,
+    classifications,
     decode_images,
     encode_outputs,
     image_bytes_list,
@@ -114,6 +115,7 @@ class LVViTRuntime(MLModel):
         request_input = select_input(payload, self.spec)
         outputs = requested_outputs(payload)
         k = top_k(payload, self.spec.num_classes)
+        classify = classifications(payload, self.spec.num_classes)
         if request_input.name == IMAGES:
             rows = decode_images(request_input, self.spec)
         else:
@@ -121,7 +123,7 @@ class LVViTRuntime(MLModel):
         logits = await self.batcher.submit(rows)
         return InferenceResponse(
             model_name=self.name, model_version=self.version, id=payload.id,
-            outputs=encode_outputs(logits, outputs, k, self.model_dir.labels),
+            outputs=encode_outputs(logits, outputs, k, self.model_dir.labels, classify),
         )
 
     async def _preprocess(self, files: list[bytes]) -> np.ndarray:

@@ -12,12 +12,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from lvvit.export.triton import VERSION
 from lvvit.serving.model_dir import ModelDir
 from lvvit.serving.protocol import InputSpec, metadata_tensors
 
 from lvvit.atomic import write_json
 
 RUNTIME = "lvvit.serving.runtime.LVViTRuntime"
+MODEL_VERSION = VERSION
+"""The served model's version: "1", the version folder of the Triton repository that
+lvvit-export writes, so /v2/models/NAME/versions/1/... means the same model on both servers."""
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration"]
+"""Triton protocol extensions lvvit-serve answers (server metadata ``extensions``)."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,7 @@ def server_settings(opts: ServeOptions, metrics_dir: Path) -> dict:
         "metrics_dir": str(metrics_dir),
         "grpc_max_message_length": opts.max_request_bytes,
         "load_models_at_startup": True,
+        "extensions": EXTENSIONS,
     }
 
 
@@ -77,6 +84,7 @@ def model_settings(model_dir: ModelDir, opts: ServeOptions) -> dict:
         "name": opts.model_name,
         "implementation": RUNTIME,
         "platform": "onnxruntime",
+        "versions": [MODEL_VERSION],
         "inputs": [t.model_dump(exclude_none=True) for t in inputs],
         "outputs": [t.model_dump(exclude_none=True) for t in outputs],
         # MLServer's adaptive batching stays off: the runtime batches validated rows itself.
@@ -84,6 +92,7 @@ def model_settings(model_dir: ModelDir, opts: ServeOptions) -> dict:
         "max_batch_time": 0.0,
         "parameters": {
             "uri": str(model_dir.path.resolve()),
+            "version": MODEL_VERSION,
             "extra": {
                 "provider": opts.provider,
                 "threads": opts.threads,

@@ -37,6 +37,7 @@ pytestmark = pytest.mark.slow
 
 TAG = "step00000002"
 RNG_FILE = "lvvit_rng_rank0.pt"
+BUFFERS_FILE = "lvvit_buffers_rank0.pt"
 MODEL_FILE = "mp_rank_00_model_states.pt"
 OPTIM_FILE = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
 REFUSED_EXEC = r"refusing to unpickle (builtins\.)?exec;"
@@ -102,7 +103,7 @@ def assert_refused(proc: subprocess.CompletedProcess, path: Path, marker: Path, 
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("name", [RNG_FILE, MODEL_FILE, OPTIM_FILE, EMA_FILE])
+@pytest.mark.parametrize("name", [RNG_FILE, BUFFERS_FILE, MODEL_FILE, OPTIM_FILE, EMA_FILE])
 def test_resume_refuses_code_in_any_checkpoint_file(trained, tmp_path, name):
     out, tag_dir = copy_run(trained, tmp_path)
     marker = tmp_path / "code-ran"

@@ -362,6 +362,28 @@ def test_deepspeed_checkpoint_folder_is_consolidated_with_its_recorded_architect
     assert np.abs(run_onnx(out / "model.onnx", x.numpy()) - want).max() < 1e-4
 
 
+def export_lineage_names_the_checkpoints_run(client, uri: str, out: Path, trained_by: str, tmp: Path) -> None:
+    """An export logged to another run (``--mlflow-run``) with its calibration source: the run
+    and the new model version name the training run; the source is a dataset of the run."""
+    from lvvit.export.tracking import log_export
+    from test_lineage import fake_shards
+
+    from lvvit.data.source import resolve
+    from lvvit.digest import file_sha256
+    from lvvit.train.lineage import dataset
+
+    calib = fake_shards(tmp / "calib", [5, 7])
+    other = client.create_run(client.get_experiment_by_name("Default").experiment_id).info.run_id
+    log_export(out, other, "lvvit-test", uri, [dataset(resolve(calib), "calibration", 8)], trained_by)
+    assert client.get_run(other).data.tags["lvvit.checkpoint_run"] == trained_by
+    versions = sorted(client.search_model_versions("name='lvvit-test'"), key=lambda v: int(v.version))
+    assert [(v.run_id, v.tags["lvvit.checkpoint_run"]) for v in versions] == [(trained_by, trained_by),
+                                                                              (other, trained_by)]
+    (used,) = client.get_run(other).inputs.dataset_inputs
+    assert used.dataset.digest == file_sha256(calib / "manifest.json")[:32]
+    assert {t.key: t.value for t in used.tags} == {"mlflow.data.context": "calibration", "lvvit.used_samples": "8"}
+
+
 @pytest.mark.slow
 def test_mlflow_logs_and_registers_the_export_in_the_training_run(tmp_path, fp32_export, checkpoint, caplog):
     import mlflow
@@ -394,11 +416,14 @@ def test_mlflow_logs_and_registers_the_export_in_the_training_run(tmp_path, fp32
         record = find_run_record(run_folder / "checkpoints" / "step00000010")
         assert record == {"run_id": run_id, "tracking_uri": uri}
 
-        model_uri = log_export(fp32_export["out"], record["run_id"], "lvvit-test", record["tracking_uri"])
+        model_uri = log_export(fp32_export["out"], record["run_id"], "lvvit-test", record["tracking_uri"],
+                               checkpoint_run=run_id)
         client = MlflowClient(uri)
         assert client.get_run(run_id).info.status == "RUNNING"  # a live training run stays live
         (version,) = client.search_model_versions("name='lvvit-test'")
-        assert version.run_id == run_id
+        assert version.run_id == run_id and version.tags["lvvit.checkpoint_run"] == run_id
+        assert "lvvit.checkpoint_run" not in client.get_run(run_id).data.tags  # the run is its own
+        export_lineage_names_the_checkpoints_run(client, uri, fp32_export["out"], run_id, tmp_path)
         artifacts = {a.path for a in client.list_artifacts(run_id, "export")}
         assert artifacts == {"export/parity.json", "export/model.json", "export/labels.txt"}
 

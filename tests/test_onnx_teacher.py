@@ -78,13 +78,14 @@ class Net(nn.Module):
             "tokens": lambda: self.fc(f.flatten(2).transpose(1, 2)),  # [B, 64, C]: the 8 x 8 grid
             "seven_tokens": lambda: self.fc(f.flatten(2).transpose(1, 2)[:, :7]),
             "rank3": lambda: self.conv(f).flatten(2),  # [B, C, h * w]
+            "map": lambda: self.conv(f),  # already dense: [B, C, h, w]
         }
         return heads[self.head]()
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         """The reference dense map: the head's linear layer at every location."""
         f = self.features(x)
-        if self.head == "conv":
+        if self.head in ("conv", "map"):
             return self.conv(f)
         return F.conv2d(f, self.fc.weight[:, :, None, None], self.fc.bias)
 
@@ -152,7 +153,8 @@ def test_dense_teacher_command_writes_the_checked_graph(tmp_path, capsys):
     src = export(net, tmp_path / "classifier.onnx")
     assert label_main(["dense-teacher", str(src), str(tmp_path / "dense.onnx"), "--img-size", str(IMG_SIZE)]) == 0
     printed = capsys.readouterr().out
-    assert "head GlobalAveragePool -> Flatten -> Gemm replaced by a 1x1 Conv with 10 classes" in printed
+    assert printed.startswith(f"{src} is a classifier (GlobalAveragePool -> Flatten -> Gemm): made dense, "
+                              "that head replaced by a 1x1 Conv with 10 classes; check at 32 px: ")
     figure = float(printed.split("max(1, |logits|) = ")[1].split()[0])
     assert 0 <= figure <= 1e-4
     dense = load_model(tmp_path / "dense.onnx")
@@ -161,6 +163,31 @@ def test_dense_teacher_command_writes_the_checked_graph(tmp_path, capsys):
     np.testing.assert_allclose(out, net.dense(x).detach().numpy(), atol=1e-4)
     same = ["dense-teacher", str(src), str(src)]
     assert exit_line(capsys, lambda: label_main(same)) == "OUT must differ from IN: the classifier is kept"
+
+
+def test_dense_teacher_command_takes_tokens_and_dense_graphs_as_labeling_does(tmp_path, capsys):
+    """Tokens (here fp16 with a fixed batch) get the grid in the graph; a dense map is
+    written as it is; the written graph gives what ``--teacher onnx:`` labels with."""
+    x = torch.randn(2, 3, IMG_SIZE, IMG_SIZE)
+    for head, dtype, printed in [("tokens", torch.half, "gives [B, N, C] tokens: laid on the 8 x 8 grid at 32 px"),
+                                 ("map", torch.float, "gives dense [B, C, h, w] maps (8 x 8 at 32 px): used as")]:
+        src = export(make_net(head), tmp_path / f"{head}.onnx", batch=2, dtype=dtype)
+        out = tmp_path / f"{head}_dense.onnx"
+        assert label_main(["dense-teacher", str(src), str(out)]) == 0  # the graph's fixed 32 px
+        assert capsys.readouterr().out.startswith(f"{src} {printed}")
+        written = load_model(out)
+        assert [d.dim_value for d in written.graph.output[0].type.tensor_type.shape.dim][:2] == [2, NUM_CLASSES]
+        maps = make_session(written, "out").run(None, {"images": x.numpy().astype(dtype_np(dtype))})[0]
+        labeling = load_onnx_teacher(src, IMG_SIZE)(x).numpy()
+        assert maps.shape == (2, NUM_CLASSES, 8, 8)
+        np.testing.assert_array_equal(maps.astype(np.float32), labeling)
+        with torch.no_grad():
+            reference = make_net(head).dense(x).numpy()
+        np.testing.assert_allclose(labeling, reference, atol=2e-2 if dtype == torch.half else 1e-4)
+
+
+def dtype_np(dtype: torch.dtype) -> type:
+    return np.float16 if dtype == torch.half else np.float32
 
 
 def test_fp16_and_fixed_batch_graphs(tmp_path):

@@ -20,7 +20,8 @@ import pytest
 import torch
 from test_train import COMMON, REPO, launch, write_shards
 
-from lvvit.models.checkpoint import load_data
+from lvvit.models import create_model
+from lvvit.models.checkpoint import load_data, load_weights, read_checkpoint
 from lvvit.train.config import DS_CONFIGS_PACKAGE, default_ds_config_path
 
 ROOT_CONFIGS = REPO / "ds_configs"
@@ -74,17 +75,23 @@ def test_deepspeeds_zero_to_fp32_runs_and_matches_our_weights(tmp_path):
     script = checkpoints / "zero_to_fp32.py"
     assert script.is_file()
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(script), str(checkpoints), str(tmp_path / "fp32"),
-                           "--safe_serialization"], cwd=checkpoints, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, str(script), ".", "../fp32", "--safe_serialization"],  # as the docs
+                          cwd=checkpoints, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ours_proc = subprocess.run([sys.executable, "-m", "lvvit.train.checkpointing", str(checkpoints), "--out",
                                 str(tmp_path / "ours.pth")], env=env, capture_output=True, text=True, timeout=300)
     assert ours_proc.returncode == 0, ours_proc.stderr[-3000:]
     from safetensors.torch import load_file
 
-    theirs = load_file(tmp_path / "fp32" / "model.safetensors")
-    ours = load_data(tmp_path / "ours.pth")["state_dict"]
+    theirs = load_file(out / "fp32" / "model.safetensors")
+    ours_file = load_data(tmp_path / "ours.pth")
+    ours = ours_file["state_dict"]
+    # the bare state dict still names its architecture: OUTPUT/lvvit_model.json, one folder up
+    converted = read_checkpoint(out / "fp32" / "model.safetensors")
+    assert converted.model_args == ours_file["model_args"] and converted.model_args["depth"] == 2
+    model = create_model(**converted.model_args)
+    load_weights(model, converted)
+    assert torch.equal(model.state_dict()["head.weight"], ours["head.weight"])
     assert set(theirs) <= set(ours)
     # zero_to_fp32 writes parameters and the buffers DeepSpeed recorded; ours has them all.
     assert {k for k in ours if k not in theirs} <= {k for k in ours if "num_batches_tracked" in k}

@@ -23,7 +23,7 @@ import torch
 from test_train import COMMON, REPO, command, ds_config, write_shards
 
 from lvvit.loader.pipeline import train_loader
-from lvvit.train.loop import train_seed
+from lvvit.train.build import train_seed
 from lvvit.train.preemption import PREEMPTED_EXIT
 from lvvit.train.sample_log import read_sample_log
 from lvvit.train.schedule import WarmupCosineSchedule

@@ -15,7 +15,7 @@ import torch
 from test_pipeline import write_shards
 
 from lvvit.data.source import ShardSource, resolve
-from lvvit.data.tarsamples import scan_tar_samples
+from lvvit.data.tarsamples import read_tar_samples, scan_tar_samples
 from lvvit.loader.pipeline import train_loader
 from lvvit.loader.sampling import EpochPlan, buffer_order, left_out
 
@@ -182,3 +182,84 @@ def test_scan_skips_unwanted_samples_by_header(tmp_path: Path) -> None:
     assert got[0][1] is None and got[2][1] is None
     assert got[1][1].key == "s1" and got[1][1].as_dict()["jpg"] == bytes([1]) * 3000
     assert got[3][1].as_dict()["cls"] == b"1"
+
+
+def _tar(fmt: int, names: list[str], pax_global: bool = False) -> bytes:
+    """A tar in ``fmt`` of file members ``names`` (a trailing ``/``: a directory; a leading
+    ``@``: a symlink), data told apart by member."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=fmt) as tar:
+        if pax_global:
+            info = tarfile.TarInfo("global")
+            info.type, info.pax_headers = tarfile.XGLTYPE, {"comment": "c"}
+            tar.addfile(info)
+        for i, name in enumerate(names):
+            info = tarfile.TarInfo(name.lstrip("@"))
+            if name.endswith("/"):
+                info.type = tarfile.DIRTYPE
+            elif name.startswith("@"):
+                info.type, info.linkname = tarfile.SYMTYPE, "l" * 150
+            data = b"" if info.type != tarfile.REGTYPE else bytes([i]) * (i if name.endswith(".cls") else 700 + 97 * i)
+            info.size, info.mtime = len(data), 1.5 + i  # a float mtime: PAX headers, as webdataset writes them
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+class Trickle(io.RawIOBase):
+    """A stream that cannot seek and returns at most 700 bytes a read (as a socket may)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.count = io.BytesIO(data), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        chunk = self.data.read(min(len(buffer), 700))
+        buffer[: len(chunk)] = chunk
+        self.count += len(chunk)
+        return len(chunk)
+
+
+def as_lists(samples) -> list[tuple[str, list[tuple[str, bytes]]]]:
+    return [(s.key, [(info.name, data) for info, data in s.members]) for s in samples]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_scan_reads_what_tarfile_reads(fmt: int) -> None:
+    long = "d" * 120 + "/"  # ustar: prefix field; gnu: long name member; pax: path record
+    names = ["a.jpg", "a.cls", "sub/", "b.jpg", "noext", "b.cls", long + "c.jpg", long + "c.cls", "e" * 95 + ".jpg",
+             "f.ü.jpg", "f.ü.cls"]
+    if fmt != tarfile.USTAR_FORMAT:
+        names += ["@g.txt", "h" * 200 + ".jpg"]
+    for raw in (_tar(fmt, names), _tar(fmt, names, pax_global=fmt == tarfile.PAX_FORMAT)):
+        want = as_lists(read_tar_samples(io.BytesIO(raw), "t.tar"))
+        assert len(want) == (5 if fmt == tarfile.USTAR_FORMAT else 6)
+        for stream in (io.BytesIO(raw), io.BufferedReader(Trickle(raw))):
+            assert as_lists(s for _, s in scan_tar_samples(stream, "t.tar", lambda i: True)) == want
+        got = list(scan_tar_samples(Trickle(raw), "t.tar", lambda i: i % 2 == 1))
+        assert [i for i, _ in got] == list(range(len(want)))
+        assert as_lists(s for _, s in got if s is not None) == want[1::2]
+
+
+def test_scan_keeps_the_bounds_and_refuses_damage() -> None:
+    raw = _tar(tarfile.PAX_FORMAT, ["a.jpg", "a.cls", "b.jpg", "b.cls"])
+    for cut, message in ((0, "empty file"), (300, "truncated"), (len(raw) // 3, "truncated"), (2048, "truncated")):
+        with pytest.raises(tarfile.ReadError, match=message):
+            list(scan_tar_samples(io.BytesIO(raw[:cut]), "t.tar", lambda i: True))
+    flipped = bytearray(raw)
+    flipped[raw.index(b"b.cls")] ^= 1  # a name byte of a later header
+    with pytest.raises(tarfile.ReadError, match="bad checksum"):
+        list(scan_tar_samples(io.BytesIO(bytes(flipped)), "t.tar", lambda i: False))
+
+    def declared(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> bytes:
+        info = tarfile.TarInfo(name)
+        info.size, info.type = size, kind
+        return info.tobuf(tarfile.USTAR_FORMAT) + bytes(8 << 20)
+
+    for data, message in ((declared("a.cls", 5_000_000), "more than the 64 allowed"),
+                          (declared("././@PaxHeader", 2 << 20, tarfile.XHDTYPE), "runs past")):
+        stream = Trickle(data)
+        with pytest.raises(tarfile.ReadError, match=message):
+            list(scan_tar_samples(stream, "t.tar", lambda i: True))
+        assert stream.count <= 1024  # refused from its header, none of its bytes read

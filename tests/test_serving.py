@@ -4,6 +4,7 @@ official tritonclient over gRPC and HTTP, checked against ONNX Runtime on the sa
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import re
@@ -11,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -24,7 +26,10 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from google.protobuf import json_format, text_format
+from lvvit.export.triton import write_triton_repo
 from PIL import Image
+from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
 from lvvit.bench.serve import TINY_EXPORT_FLAGS, lvvit_export
@@ -159,6 +164,131 @@ def test_startup_log_says_what_is_served(server):
     assert f"gRPC 127.0.0.1:{server.grpc}" in log
     assert f"http://127.0.0.1:{server.http}/v2/models/lvvit/infer" in log
     assert "lvvit_t 64px, 10 classes" in log and "CPUExecutionProvider" in log
+
+
+# ---------------------------------------------------------------- Triton conventions
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "serving.md"
+MINIMAL_REQUEST = b'{"inputs": [{"name": "images", "datatype": "FP32", "shape": [1], "data": [0]}]}'
+
+
+def http_status(server, path: str, body: bytes | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(server.url(path), data=body,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, json.loads(reply.read() or b"{}")
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_version_1_routes_and_model_config_match_the_triton_repository(server, model_dir, reference, tmp_path):
+    """Version "1" as in the Triton repository lvvit-export writes; get_model_config over
+    both protocols gives that repository's ModelConfig (with the server's name and limits)."""
+    g, h = server.grpc_client(), server.http_client()
+    assert h.get_model_metadata("lvvit")["versions"] == ["1"]
+    assert list(g.get_model_metadata("lvvit", "1").versions) == ["1"]
+    assert h.is_model_ready("lvvit", "1") and g.is_model_ready("lvvit", "1")
+    x = images(2, seed=12)
+    for result in (grpc_infer(g, "images", x, "FP32", model_version="1"),
+                   http_infer(h, "images", x, "FP32", model_version="1")):
+        np.testing.assert_allclose(result.as_numpy("logits"), reference(x), rtol=1e-5, atol=1e-5)
+    assert http_status(server, "/v2/models/lvvit/versions/2") == (
+        404, {"error": "Model lvvit with version 2 not found"})
+    assert http_status(server, "/v2/models/lvvit/versions/2/infer", MINIMAL_REQUEST)[0] == 404
+    with pytest.raises(InferenceServerException) as err:
+        grpc_infer(g, "images", x, "FP32", model_version="2")
+    assert err.value.status() == "StatusCode.NOT_FOUND"
+
+    repo = write_triton_repo(tmp_path, model_dir, json.loads((model_dir / "model.json").read_text()))
+    want = text_format.Parse((repo[0] / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    want.name, want.max_batch_size = "lvvit", MAX_BATCH  # lvvit-serve's --model-name, --max-batch-size
+    want.dynamic_batching.max_queue_delay_microseconds = 20_000  # --max-batch-delay-ms 20
+    del want.dynamic_batching.preferred_batch_size[:]
+    want.dynamic_batching.preferred_batch_size.extend([2, 4, 8])
+    assert g.get_model_config("lvvit", "1").config == want
+    assert g.get_model_config("lvvit").config == want
+    got = h.get_model_config("lvvit", "1")
+    assert got == h.get_model_config("lvvit")
+    assert json_format.ParseDict(got, model_config_pb2.ModelConfig()) == want
+    assert got["input"][0]["dims"] == [3, IMG, IMG] and got["output"][0]["label_filename"] == "labels.txt"
+    for fail in (lambda: h.get_model_config("lvvit", "2"), lambda: g.get_model_config("nope")):
+        with pytest.raises(InferenceServerException) as err:
+            fail()
+        assert "not found" in err.value.message()
+
+
+def test_class_count_gives_triton_classification_strings(server, reference):
+    """Triton's classification extension: "<value>:<index>:<label>", highest first, over
+    HTTP and gRPC; more than the class count gives them all; only logits is classified."""
+    x = images(3, seed=13)
+    want = reference(x)
+    order = np.argsort(-want, axis=1, kind="stable")
+    h_out = httpclient.InferRequestedOutput("logits", class_count=3)
+    via_http = server.http_client().infer("lvvit", [_http_tensor(x)], outputs=[h_out])
+    tensor = grpcclient.InferInput("images", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    g_out = grpcclient.InferRequestedOutput("logits", class_count=CLASSES + 5)
+    via_grpc = server.grpc_client().infer("lvvit", [tensor], model_version="1", outputs=[g_out])
+    for result, count in ((via_http, 3), (via_grpc, CLASSES)):
+        got = result.as_numpy("logits")
+        assert got.shape == (3, count)
+        for row, strings in enumerate(got):
+            parts = [(s.decode() if isinstance(s, bytes) else s).split(":") for s in strings]
+            assert [int(i) for _, i, _ in parts] == order[row, :count].tolist()
+            assert [label for _, _, label in parts] == [f"class_{i}" for i in order[row, :count]]
+            np.testing.assert_allclose([float(v) for v, _, _ in parts], want[row, order[row, :count]],
+                                       atol=2e-5)
+            assert all(len(v.split(".")[1]) == 6 for v, _, _ in parts)  # C's %f, as Triton writes it
+    scores = httpclient.InferRequestedOutput("scores", class_count=2)
+    with pytest.raises(InferenceServerException) as err:
+        server.http_client().infer("lvvit", [_http_tensor(x)], outputs=[scores])
+    assert err.value.status() == "400" and "only 'logits' can be classified" in err.value.message()
+
+
+def _http_tensor(x: np.ndarray) -> httpclient.InferInput:
+    tensor = httpclient.InferInput("images", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    return tensor
+
+
+@pytest.mark.parametrize(("path", "body", "status", "fragment"), [
+    ("/v2/models/lvvit/infer", b"{not json", 400, "request body is not valid JSON"),
+    ("/v2/models/lvvit/infer", b'{"inputs": [{"name": "images", "data": [NaN]}]}', 400,
+     "request body is not valid JSON"),
+    ("/v2/models/lvvit/infer", b'{"inputs": [{"name": "images"}]}', 400, "inputs.0.shape: Field required"),
+    ("/v2/models/lvvit/infer", b"[1, 2]", 400, "invalid inference request"),
+    ("/v2/models/nope/infer", MINIMAL_REQUEST, 404, "Model nope not found"),
+    ("/v2/models/lvvit/versions/2/ready", None, 404, "Model lvvit with version 2 not found"),
+    ("/v2/no/such/route", None, 404, "Not Found"),
+], ids=["malformed-json", "nan-literal", "missing-fields", "not-an-object", "unknown-model",
+        "unknown-version", "unknown-route"])
+def test_client_errors_have_the_v2_error_shape(server, path, body, status, fragment):
+    got_status, got = http_status(server, path, body)
+    assert got_status == status and list(got) == ["error"] and fragment in got["error"], got
+
+
+def test_docs_client_script_runs_against_lvvit_serve(server, reference, tmp_path):
+    """The Triton client in docs/serving.md, unchanged: version 1, the model configuration
+    and class_count; its top classes are the model's on the evaluation preprocessing."""
+    text = DOCS.read_text()
+    block = text[text.index("<!-- triton-client-script"):]
+    script = tmp_path / "classify.py"
+    start = block.index("```python\n") + len("```python\n")
+    script.write_text(block[start: block.index("\n```", start)] + "\n")
+    files = []
+    for i, (w, h, fmt, mode) in enumerate(FILES[:2]):
+        files.append(tmp_path / f"image{i}.{fmt.lower()}")
+        files[-1].write_bytes(encoded(w, h, fmt, seed=20 + i, mode=mode))
+    run = subprocess.run([sys.executable, str(script), *map(str, files), "--url", f"127.0.0.1:{server.http}",
+                          "--top", "3"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert run.returncode == 0, run.stderr
+    want = reference(np.stack([eval_preprocess(f.read_bytes()) for f in files]))
+    lines = run.stdout.splitlines()
+    for i, path in enumerate(files):
+        at = lines.index(str(path))
+        top = np.argsort(-want[i], kind="stable")[:3]
+        assert lines[at + 1: at + 4] == [f"  class_{c}  class {c}  logit {want[i, c]:.4f}" for c in top]
 
 
 # ---------------------------------------------------------------- answers match ONNX Runtime

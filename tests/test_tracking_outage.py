@@ -22,6 +22,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from test_train import COMMON, REPO, TINY_ARGS, VENV_BIN, command, write_shards
 
+from lvvit.digest import file_sha256
 from lvvit.models import create_model
 from lvvit.ports import free_port
 
@@ -187,6 +188,9 @@ def test_dead_server_from_the_start_is_a_warning_unless_strict(data, server, tmp
     assert run.info.status == "FINISHED" and run.info.run_name == "lvvit_t-64"
     assert run.data.params["resolved.steps_per_epoch"] == "8"
     assert logged_steps(client, run_id) == set(range(1, STEPS + 1))
+    (spooled_input,) = run.inputs.dataset_inputs  # the training shards, sent by the replay
+    assert spooled_input.dataset.digest == file_sha256(data["tlm"] / "manifest.json")[:32]
+    assert {t.key: t.value for t in spooled_input.tags} == {"mlflow.data.context": "training"}
 
     strict = tmp_path / "strict"
     rc, text, _ = train(train_args(data["tlm"], strict, "--strict-tracking"), dead)
@@ -268,6 +272,9 @@ def hostile_lines(victim: str, ours: str, out: Path) -> list[tuple[dict | str, s
     """Spool lines the trainer never writes, each with (part of) the refusal it must get."""
     (out / "passwd").symlink_to("/etc/passwd")
     step = {"kind": "metrics", "metrics": {"x": 1.0}, "step": 1, "time": 1}
+    dataset = {"name": "d/train", "digest": "0" * 64, "digest_of": "manifest", "source_type": "local",
+               "uri": "/d/train", "context": "training", "samples": 1, "shards": 1, "classes": None,
+               "used_samples": None}
     return [
         ({"kind": "end", "status": "FAILED", "time": 1, "run": victim}, f"run {victim} is not a run recorded"),
         ({"kind": "params", "params": {"p": "v"}, "run": victim}, "is not a run recorded"),
@@ -285,6 +292,10 @@ def hostile_lines(victim: str, ours: str, out: Path) -> list[tuple[dict | str, s
         ({**step, "run": None}, "no 'create' record comes before it"),
         ("[" * 100_000 + "]" * 100_000, "not JSON"),
         (f'{{"kind": "end", "status": "FINISHED", "time": 1, "run": "{ours}", "run": "{victim}"}}', "appears twice"),
+        ({"kind": "inputs", "datasets": [dataset], "run": victim}, "is not a run recorded"),
+        ({"kind": "inputs", "datasets": [{**dataset, "source_type": "file"}], "run": ours}, "'source_type' must be"),
+        ({"kind": "inputs", "datasets": [{**dataset, "digest": "x" * 64}], "run": ours}, "hex SHA-256"),
+        ({"kind": "inputs", "datasets": [{**dataset, "path": "passwd"}], "run": ours}, "exactly the fields"),
     ]
 
 

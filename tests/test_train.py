@@ -30,6 +30,7 @@ from PIL import Image
 
 from lvvit.data.decode import normalize
 from lvvit.data.labelmap import LabelMap, encode_tlm
+from lvvit.digest import file_sha256
 from lvvit.loader.pipeline import eval_loader
 from lvvit.models import create_model
 from lvvit.ports import free_port
@@ -226,6 +227,8 @@ def test_zero1_and_zero3_learn_consolidate_and_track(data, mlflow_server, tmp_pa
         assert tags["precision"] == "fp32" and tags["model"] == "lvvit_t" and len(tags["git_commit"]) >= 7
         artifacts = {a.path for a in client.list_artifacts(run_id)}
         assert {"weights.pth", "classes.json", "ds_config.json"} <= artifacts
+        assert datasets(run) == {"training": (file_sha256(data["tlm"] / "manifest.json")[:32], str(data["tlm"])),
+                                 "eval": (file_sha256(data["eval"] / "manifest.json")[:32], str(data["eval"]))}
         ds_logged = json.loads(Path(client.download_artifacts(run_id, "ds_config.json", str(tmp_path))).read_text())
         assert ds_logged["train_batch_size"] == 16 and ds_logged["zero_optimization"]["stage"] == stage
         tags_on_disk = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
@@ -258,6 +261,16 @@ def eval_only_reproduces_final_eval(out: Path, tmp: Path, client, run_id: str, u
     assert json.loads((eval_out / "mlflow_eval_run.json").read_text())["run_id"] == runs[0].info.run_id
     assert runs[0].data.metrics["eval_ema/top1"] == pytest.approx(got["eval_ema/top1"])
     assert "eval.json" in {a.path for a in client.list_artifacts(runs[0].info.run_id)}
+    assert datasets(runs[0]) == {"eval": (file_sha256(eval_dir / "manifest.json")[:32], str(eval_dir))}
+
+
+def datasets(run) -> dict[str, tuple[str, str]]:
+    """The run's MLflow datasets: context -> (digest, source URI)."""
+    found = {}
+    for di in run.inputs.dataset_inputs:
+        context = {t.key: t.value for t in di.tags}["mlflow.data.context"]
+        found[context] = (di.dataset.digest, json.loads(di.dataset.source)["uri"])
+    return found
 
 
 def kill_when_saving(args: list[str], tracking_uri: str, tag_dir: Path, log: Path) -> None:
@@ -290,7 +303,7 @@ def assert_complete(tag_dir: Path, ranks: int) -> None:
     """Every file a two-rank ZeRO-2 tag with EMA needs, each one readable."""
     expected = {"mp_rank_00_model_states.pt", EMA_FILE,
                 *(f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(ranks)),
-                *(f"lvvit_rng_rank{r}.pt" for r in range(ranks))}
+                *(f"lvvit_rng_rank{r}.pt" for r in range(ranks)), *(f"lvvit_buffers_rank{r}.pt" for r in range(ranks))}
     assert expected <= {p.name for p in tag_dir.iterdir()}, sorted(p.name for p in tag_dir.iterdir())
     for name in expected:
         torch.load(tag_dir / name, map_location="cpu", weights_only=False)

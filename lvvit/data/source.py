@@ -8,9 +8,10 @@ A source spec is any of
   whose ``manifest.json`` lists the shards;
 * ``pipe:COMMAND`` (the command writes one shard to stdout; braces expand as in
   webdataset, e.g. ``pipe:aws s3 cp s3://bucket/train-{000000..000009}.tar -``);
-* ``s3://`` and ``gs://`` URLs, read through the providers' command-line tools
-  (``aws s3 cp URL -`` and ``gsutil cat URL``, the commands webdataset's own ``gs``
-  handler and its documentation use).
+* ``s3://`` and ``gs://`` URLs (patterns and folder URLs as for HTTP), GETs signed by
+  boto3 and google-auth (credentials chain, ``AWS_PROFILE``, ``AWS_ENDPOINT_URL_S3`` /
+  ``AWS_ENDPOINT_URL`` for S3-compatible stores, ``STORAGE_EMULATOR_HOST``) and read by the
+  HTTP reader of ``lvvit.data.streams`` (``lvvit.data.objectstore``).
 
 Only the string the user typed is read as a scheme: a local spec becomes an absolute
 path at once, so the shards a folder holds or a manifest lists, and the ``classes.json``
@@ -23,6 +24,13 @@ those shards. Both files are untrusted data: read with a size bound (and, remote
 time bounds of ``lvvit.data.streams``), parsed as JSON and checked field by field, counts
 against what the shards can hold; nothing is unpickled. Opening a shard is
 ``lvvit.data.streams``: retries, per-read timeouts, a whole-shard deadline.
+
+With a shard cache (``Access.cache_dir``), a remote manifest and ``classes.json`` are still
+read from the store every time (they are small, and may change), and a copy of each is kept
+in the cache beside the shards. When the store cannot be reached and the cache holds a copy,
+the store is tried once (no retries) and the copy is used: a run whose cache is warm rides
+out a store outage, and the log says so in one warning. A store that answers no (404, 403)
+is believed: a cached copy never stands in for a file that is gone.
 """
 
 from __future__ import annotations
@@ -38,12 +46,13 @@ from typing import BinaryIO, NamedTuple
 
 from braceexpand import braceexpand
 
-from lvvit import jsonload
+from lvvit import atomic, jsonload
 from lvvit.data.imagefolder import CLASS_ORDERS
 from lvvit.data.streams import (
     DEFAULT_ACCESS,
     Access,
     ShardUnavailable,
+    cache_path,
     is_remote,
     open_url,
     shard_name,
@@ -276,9 +285,14 @@ def class_index_problem(indices: list[int]) -> str | None:
     return None
 
 
+_CACHE_WARNED: set[str] = set()
+"""Shard caches this process has said it runs from (one warning each)."""
+
+
 def _read_json_bytes(url: str, access: Access, required: bool) -> bytes | None:
     """At most ``MAX_JSON_BYTES`` of ``url``; ``None`` when it is not there (or, remote, not
-    reachable) and not ``required``."""
+    reachable) and not ``required``. Remote with a shard cache: a copy is kept in the cache,
+    and stands in when the store cannot be reached (see the module's docstring)."""
     if not is_remote(url):
         path = Path(url)
         if not path.is_file():
@@ -287,14 +301,33 @@ def _read_json_bytes(url: str, access: Access, required: bool) -> bytes | None:
             return None
         with open(path, "rb") as f:
             return _bounded(f, url)
+    copy = cache_path(url, access.cache_dir) if access.cache_dir is not None else None
+    warm = copy is not None and copy.is_file()
     try:
-        with open_url(url, dataclasses.replace(access, cache_dir=None)) as stream:
-            return _bounded(stream, url)
+        with open_url(url, dataclasses.replace(access, cache_dir=None, retries=0 if warm else access.retries)) as stream:
+            data = _bounded(stream, url)
     except ShardUnavailable as e:
+        if warm and not e.permanent:
+            _say_running_from_cache(url, e, access.cache_dir)
+            with open(copy, "rb") as f:
+                return _bounded(f, str(copy))
         if required:
             raise SourceError(f"cannot read {url}: {e}") from None
         log.info("no %s reachable: %s", url.rsplit("/", 1)[-1], e)
         return None
+    if copy is not None and not (warm and copy.read_bytes() == data):
+        atomic.write_bytes(copy, data)
+    return data
+
+
+def _say_running_from_cache(url: str, error: ShardUnavailable, cache_dir: str) -> None:
+    if cache_dir in _CACHE_WARNED:
+        log.info("%s unreachable; using its copy in the shard cache %s", url, cache_dir)
+        return
+    _CACHE_WARNED.add(cache_dir)
+    log.warning("the shard store is unreachable (%s); running from the shard cache %s: its copies of the "
+                "manifest, classes.json and the shards cached before (a shard not cached is skipped)",
+                error.message, cache_dir)
 
 
 def _bounded(stream: BinaryIO, url: str) -> bytes:

@@ -12,7 +12,9 @@ ends early raises ``ShardUnavailable`` naming the URL, so a half-read shard neve
 for a complete one. A ``pipe:`` command runs in its own process group, and the whole group
 is ended when its stream closes, so a timed-out command leaves no children behind.
 We open URLs ourselves rather than through webdataset's ``gopen``: its curl and pipe
-readers have no read timeout and do not resume a broken transfer.
+readers have no read timeout and do not resume a broken transfer. ``s3://`` and ``gs://``
+are requests signed by the provider's library (``lvvit.data.objectstore``) and read by the
+same HTTP reader, with the same bounds.
 """
 
 from __future__ import annotations
@@ -64,10 +66,11 @@ _REMOTE = re.compile(r"^(https?|s3|gs)://", re.IGNORECASE)
 class ShardUnavailable(OSError):
     """A shard (or manifest) that could not be read to its end after retries."""
 
-    def __init__(self, message: str, url: str = "") -> None:
+    def __init__(self, message: str, url: str = "", permanent: bool = False) -> None:
         super().__init__(message)
         self.url = url
         self.message = message  # as raised: webdataset appends to ``args`` on its way up
+        self.permanent = permanent  # the server answered no (404, 403, ...): a cached copy must not stand in
 
 
 @dataclass(frozen=True)
@@ -147,8 +150,8 @@ class _Connection(Protocol):
     def close(self) -> None: ...
 
 
-class _Permanent(Exception):
-    """A failure a retry will not change (HTTP 404, ...)."""
+class PermanentError(Exception):
+    """A failure a retry will not change (HTTP 404, S3 NoSuchKey, ...)."""
 
 
 Connector = Callable[[int, float], "_Connection"]
@@ -192,8 +195,8 @@ class _RetryingStream(io.RawIOBase):
                 n = self.connection.readinto(buffer)
                 self.position += n
                 return n
-            except _Permanent as e:
-                raise ShardUnavailable(f"shard {self.url} is unavailable: {e}", self.url) from None
+            except PermanentError as e:
+                raise ShardUnavailable(f"shard {self.url} is unavailable: {e}", self.url, permanent=True) from None
             except (OSError, HTTPException) as e:
                 self._drop()
                 self._check_deadline()
@@ -227,13 +230,11 @@ class _RetryingStream(io.RawIOBase):
 def _connector(url: str, timeout: float) -> Connector:
     if url.startswith("pipe:"):
         return lambda offset, deadline: _PipeConnection(url[5:], timeout, deadline, offset)
-    if url[:5].lower() == "s3://":
-        command = shlex.join(["aws", "s3", "cp", url, "-"])
-        return lambda offset, deadline: _PipeConnection(command, timeout, deadline, offset)
-    if url[:5].lower() == "gs://":
-        command = shlex.join(["gsutil", "cat", url])
-        return lambda offset, deadline: _PipeConnection(command, timeout, deadline, offset)
-    return lambda offset, deadline: _http_connection(url, timeout, deadline, offset)
+    if url[:5].lower() in ("s3://", "gs://"):
+        from lvvit.data import objectstore
+
+        return objectstore.connector(url, timeout)
+    return lambda offset, deadline: http_connection(url, timeout, deadline, offset)
 
 
 class _Watchdog:
@@ -321,21 +322,29 @@ class _HTTPBody:
         self.response.close()
 
 
-def _http_connection(url: str, timeout: float, deadline: float, offset: int) -> _Connection:
+def http_connection(url: str, timeout: float, deadline: float, offset: int, headers: dict[str, str] | None = None,
+                    explain: Callable[[urllib.error.HTTPError], Exception] | None = None) -> _Connection:
     """A response positioned at ``offset``: a Range request, or (a server without ranges)
     the whole body with the first ``offset`` bytes skipped. ``timeout`` bounds the connect
     and every read, ``deadline`` the whole exchange (headers included); a body shorter than
-    its Content-Length raises ``ConnectionError``."""
-    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    its Content-Length raises ``ConnectionError``. An error status raises ``PermanentError``
+    (4xx but 408/425/429) or the ``HTTPError`` (retried), or what ``explain`` makes of it
+    (an object store names its own error codes)."""
+    headers = {**(headers or {}), **({"Range": f"bytes={offset}-"} if offset else {})}
     watchdog = _Watchdog(deadline)
     opener = urllib.request.build_opener(_HTTPHandler(watchdog), _HTTPSHandler(watchdog))
     try:
         response = opener.open(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as e:
-        watchdog.cancel()
-        if e.code in PERMANENT_HTTP:
-            raise _Permanent(f"HTTP {e.code} {e.reason}") from None
-        raise
+        try:
+            if explain is not None:
+                raise explain(e) from None
+            if e.code in PERMANENT_HTTP:
+                raise PermanentError(f"HTTP {e.code} {e.reason}") from None
+            raise
+        finally:
+            watchdog.cancel()
+            e.close()
     except BaseException:
         watchdog.cancel()
         raise

@@ -1,15 +1,18 @@
-"""``lvvit-label dense-teacher IN.onnx OUT.onnx``: an ONNX classifier rewritten as a dense teacher.
+"""``lvvit-label dense-teacher IN.onnx OUT.onnx``: an ONNX teacher written as a dense teacher.
 
-The head (global average pooling, then one linear layer, with Flatten/Reshape/Squeeze
-allowed between) becomes a 1x1 Conv on the pre-pool feature map, so OUT maps images to
-``[B, classes, h, w]``. Both graphs are run on one random input and the mean of the
-dense map over locations must equal the classifier's logits; the figure is printed.
-``lvvit-label --teacher onnx:IN.onnx`` does the same rewrite in memory; this command is
-for looking at the result (Netron) or using it elsewhere.
+OUT maps images to ``[B, classes, h, w]``. Which files are accepted, and why one is
+refused, is decided by :func:`lvvit.labeling.onnx_teacher.dense_graph`, the decision
+``lvvit-label --teacher onnx:IN.onnx`` makes in memory: a classifier's head (global average
+pooling, then one linear layer, with Flatten/Reshape/Squeeze allowed between) becomes a
+1x1 Conv on the pre-pool feature map, checked by running both graphs (the mean of the
+dense map over locations must equal the classifier's logits); ``[B, N, C]`` tokens (a ViT's
+patch tokens through its head) get a Transpose and a Reshape that lay them on the square
+grid; a graph that is already dense is written as it is. The figure is printed. This
+command is for looking at the result (Netron) or using it elsewhere.
 
-The classifier is held to the same bounds as a labeling teacher (docs/security.md). A
-classifier with external data keeps it: OUT refers to the same data file(s), copied
-beside OUT when OUT is written to another folder.
+The file is held to the same bounds as a labeling teacher (docs/security.md). A file
+with external data keeps it: OUT refers to the same data file(s), copied beside OUT when
+OUT is written to another folder.
 """
 
 from __future__ import annotations
@@ -24,15 +27,13 @@ import onnx
 from lvvit import atomic
 from lvvit.errors import ConfigError, exits_on_error
 from lvvit.labeling.cli import add_limit_args, limits_from_args
-from lvvit.labeling.onnx_file import Limits, check_graph, graph_tensors
+from lvvit.labeling.onnx_file import Limits, graph_tensors
 from lvvit.labeling.onnx_teacher import (
     LAYOUTS,
     OnnxTeacherError,
-    input_shape,
+    dense_graph,
     input_spec,
     load_model,
-    make_dense,
-    verify_dense,
 )
 
 DEFAULT_CHECK_SIZE = 224
@@ -41,7 +42,7 @@ DEFAULT_CHECK_SIZE = 224
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="lvvit-label dense-teacher", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", type=Path, help="ONNX classifier with [B, C] logits")
+    p.add_argument("input", type=Path, help="ONNX teacher: [B, C] classifier logits, [B, N, C] tokens or [B, C, h, w] maps")
     p.add_argument("output", type=Path, help="where to write the dense graph")
     p.add_argument("--img-size", type=int,
                    help=f"input size of the check (default: the graph's fixed size, else {DEFAULT_CHECK_SIZE})")
@@ -52,7 +53,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 @dataclass(frozen=True)
 class Rewrite:
-    """One ``dense-teacher`` job: the classifier, where the dense graph goes, and how to check it."""
+    """One ``dense-teacher`` job: the teacher file, where the dense graph goes, and how to check it."""
 
     input: Path
     output: Path
@@ -63,23 +64,16 @@ class Rewrite:
 
 
 def rewrite(job: Rewrite) -> float:
-    """Rewrite, check and write OUT; returns the check's relative difference."""
+    """Decide (as ``--teacher onnx:`` does), check and write OUT; returns the check's figure."""
     where = str(job.input)
     model = load_model(job.input)
-    spec = input_spec(model, job.layout, where)
-    size = job.img_size or spec.size or DEFAULT_CHECK_SIZE
-    if spec.size is not None and spec.size != size:
-        raise OnnxTeacherError(f"{where}: the graph's input is {spec.size} px, --img-size is {size}")
-    folder = job.input.parent
-    check_graph(model, spec.name, input_shape(spec, size), job.limits, where)
-    dense, head = make_dense(model, where, folder)
-    diff = verify_dense(model, dense, spec, size, where, folder, job.limits)
-    copy_external_data(dense, folder, job.output.parent)
-    atomic.write_bytes(job.output, dense.SerializeToString())
-    print(f"{where}: head {' -> '.join(head.nodes)} replaced by a 1x1 Conv with {head.weight.shape[0]} classes")
-    print(f"check at {size} px: max |mean of dense map - logits| / max(1, |logits|) = {diff:.2e}")
+    size = job.img_size or input_spec(model, job.layout, where).size or DEFAULT_CHECK_SIZE
+    found = dense_graph(model, where, size, job.layout, job.input.parent, job.limits)
+    copy_external_data(found.model, job.input.parent, job.output.parent)
+    atomic.write_bytes(job.output, found.model.SerializeToString())
+    print(f"{where} {found.describe()}")
     print(f"wrote {job.output}")
-    return diff
+    return found.diff
 
 
 def copy_external_data(model: onnx.ModelProto, source: Path, target: Path) -> None:

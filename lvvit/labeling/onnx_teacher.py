@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 LAYOUTS = ("nchw", "nhwc")
 SHAPE_OPS = {"Flatten", "Reshape", "Squeeze", "Identity"}
 LINEAR_OPS = {"Gemm", "MatMul", "Conv"}
+LAYOUT_OPS = SHAPE_OPS | {"Transpose", "Unsqueeze", "Cast"}
+"""Ops that only move or retype values: a refusal looks past them for the op it names."""
 DENSE_TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float16): 1e-2}
 """Allowed |mean of dense map - logits| relative to max(1, |logits|): fp16 rounds at ~1e-3."""
 
@@ -155,6 +157,23 @@ def _linear(node: onnx.NodeProto, data: str, const: np.ndarray | None) -> tuple[
     return weight[:, :, 0, 0], bias, 1.0
 
 
+def _behind_layout(node: onnx.NodeProto, producers: Mapping[str, onnx.NodeProto],
+                   consts: Mapping[str, np.ndarray]) -> onnx.NodeProto:
+    """The op a refusal names: ``node``, or, when ``node`` only moves values around
+    (Transpose, Unsqueeze, ...), the first op behind it along its data input that does
+    more, e.g. the LayerNormalization between the two Transposes of ConvNeXt's head
+    (channels-last LayerNorm), so the message names the op that cannot be made dense.
+    ``node`` itself when only layout ops lie between it and the pooling."""
+    found = node
+    while found.op_type in LAYOUT_OPS:
+        data = next((i for i in found.input if i and i not in consts), None)
+        behind = producers.get(data) if data is not None else None
+        if behind is None or _is_spatial_mean(behind, consts):
+            return node
+        found = behind
+    return found
+
+
 def find_head(model: onnx.ModelProto, where: str, folder: Path | None = None) -> Head:
     """Walk back from the output through shape ops, one optional bias Add and one linear
     layer to a spatial mean; anything else there (a nonlinearity, attention pooling) is
@@ -193,6 +212,7 @@ def find_head(model: onnx.ModelProto, where: str, folder: Path | None = None) ->
                 bias_terms.append((consts[bias_input], scale, node))
             name = data
             continue
+        node = _behind_layout(node, producers, consts)
         if node.op_type == "ReduceMean":
             raise DenseRewriteError(f"{where}: {_describe(node)} does not average over H and W (axes 2, 3 of NCHW)")
         raise DenseRewriteError(
@@ -289,9 +309,17 @@ def verify_dense(original: onnx.ModelProto, dense: onnx.ModelProto, spec: InputS
                  folder: Path | None = None, limits: Limits | None = None) -> float:
     """Max |mean over locations of the dense map - the classifier's logits|, relative to
     max(1, |logits|); refused above :data:`DENSE_TOLERANCE` (the head was not pool + linear)."""
+    return _verify_dense(original, dense, spec, size, where, folder, limits)[0]
+
+
+def _verify_dense(original: onnx.ModelProto, dense: onnx.ModelProto, spec: InputSpec, size: int, where: str,
+                  folder: Path | None = None, limits: Limits | None = None,
+                  session: ort.InferenceSession | None = None) -> tuple[float, tuple[int, int]]:
+    """:func:`verify_dense`'s figure and the map's ``(h, w)``; ``session``: a CPU session
+    of ``original`` already made."""
     limits = limits or Limits()
     x = _example(spec, size, spec.batch or 2)
-    logits = _run(make_session(original, where, folder=folder), spec, x, where, limits).astype(np.float64)
+    logits = _run(session or make_session(original, where, folder=folder), spec, x, where, limits).astype(np.float64)
     maps = _run(make_session(dense, where, folder=folder), spec, x, where, limits).astype(np.float64)
     if maps.ndim != 4 or logits.ndim != 2:
         raise DenseRewriteError(f"{where}: the rewrite gave {list(maps.shape)} for logits {list(logits.shape)}")
@@ -301,7 +329,7 @@ def verify_dense(original: onnx.ModelProto, dense: onnx.ModelProto, spec: InputS
             f"{where}: the dense map's mean differs from the classifier's logits by {diff:.2e} "
             f"(allowed {DENSE_TOLERANCE[spec.dtype]:.0e}); the head is not pooling followed by a linear layer"
         )
-    return diff
+    return diff, maps.shape[2:]
 
 
 def to_dense_map(output: np.ndarray, where: str) -> np.ndarray:
@@ -364,19 +392,52 @@ def fixed_size(path: str | Path, layout: str) -> int | None:
     return input_spec(load_model(path), layout, str(path)).size
 
 
-def load_onnx_teacher(
-    path: str | Path, img_size: int, layout: str = "nchw", provider: str = "cpu", device_id: int = 0,
-    limits: Limits | None = None, num_classes: int | None = None,
-) -> OnnxTeacher:
-    """A teacher from an ONNX file: dense maps and tokens as they are, a ``[B, C]``
-    classifier rewritten by :func:`make_dense` and checked by :func:`verify_dense`.
+# ------------------------------------------------------------------ the one decision
 
-    Before anything runs, the graph is held to ``limits`` at ``img_size``; then one probe
-    input must give finite float logits with ``num_classes`` classes (when given), so a
-    teacher that cannot label this dataset is refused before the first shard.
+@dataclass(frozen=True)
+class DenseGraph:
+    """What :func:`dense_graph` made of a teacher file: ``model`` maps images to
+    ``[B, classes, h, w]``; ``session`` runs the teacher (its output laid on the grid by
+    :func:`to_dense_map`, which for tokens does what the nodes appended to ``model`` do)."""
+
+    kind: str  # the output the file had: "dense", "tokens" or "classifier"
+    model: onnx.ModelProto
+    session: ort.InferenceSession
+    spec: InputSpec
+    size: int  # the input size it was decided at
+    grid: tuple[int, int]  # h, w of the map at that size
+    head: Head | None = None  # the replaced head of a classifier
+    diff: float = 0.0  # the check's figure (see describe)
+
+    def describe(self) -> str:
+        """What was done to the file and the check's figure, to follow the file's name."""
+        h, w = self.grid
+        if self.kind == "classifier":
+            chain = " -> ".join(self.head.nodes)
+            return (f"is a classifier ({chain}): made dense, that head replaced by a 1x1 Conv with "
+                    f"{self.head.weight.shape[0]} classes; check at {self.size} px: "
+                    f"max |mean of dense map - logits| / max(1, |logits|) = {self.diff:.2e}")
+        if self.kind == "tokens":
+            return (f"gives [B, N, C] tokens: laid on the {h} x {w} grid at {self.size} px (Transpose -> Reshape "
+                    f"appended); check: max |map - tokens on the grid| = {self.diff:.2e}")
+        return f"gives dense [B, C, h, w] maps ({h} x {w} at {self.size} px): used as they are"
+
+
+def dense_graph(
+    model: onnx.ModelProto, where: str, img_size: int, layout: str = "nchw", folder: Path | None = None,
+    limits: Limits | None = None, provider: str = "cpu", device_id: int = 0, num_classes: int | None = None,
+) -> DenseGraph:
+    """The one decision on a teacher file, made alike for ``lvvit-label --teacher onnx:``
+    and ``lvvit-label dense-teacher``: which graphs are accepted and, if refused, why.
+
+    The graph is held to ``limits`` at ``img_size`` before anything runs; then one probe
+    input decides by the output's shape: ``[B, C, h, w]`` is used as it is, ``[B, N, C]``
+    tokens with ``N`` a square are laid on the grid, ``[B, C]`` logits are made dense by
+    :func:`make_dense` and checked by :func:`verify_dense`; anything else is refused with
+    the shape found. The probe must give finite float logits with ``num_classes`` classes
+    (when given), so a teacher that cannot label the dataset is refused before any shard.
     """
-    where, folder, limits = str(path), Path(path).parent, limits or Limits()
-    model = load_model(path)
+    limits = limits or Limits()
     spec = input_spec(model, layout, where)
     if spec.size is not None and spec.size != img_size:
         raise OnnxTeacherError(f"{where}: the graph's input is {spec.size} px, --img-size is {img_size}")
@@ -385,15 +446,102 @@ def load_onnx_teacher(
     _check_output_type(session, where)
     probe = _run(session, spec, _example(spec, img_size, spec.batch or 1), where, limits)
     if probe.ndim == 2:
-        classifier = model
-        model, head = make_dense(classifier, where, folder)
-        diff = verify_dense(classifier, model, spec, img_size, where, folder, limits)
-        log.info(
-            "%s is a classifier (%s): made dense, mean of the map = logits within %.1e", where, " -> ".join(head.nodes), diff
-        )
-        spec = input_spec(model, layout, where)
-        session = make_session(model, where, provider, device_id, folder)
-    else:
-        probe = to_dense_map(probe, where)
-    check_logits(torch.from_numpy(np.asarray(probe, dtype=np.float32)), num_classes, where)
-    return OnnxTeacher(session, spec, where, limits)
+        check_logits(torch.from_numpy(np.asarray(probe, dtype=np.float32)), num_classes, where)
+        dense, head = make_dense(model, where, folder)
+        diff, grid = _verify_dense(model, dense, spec, img_size, where, folder, limits,
+                                   session if provider == "cpu" else None)  # the check runs on the CPU
+        session = make_session(dense, where, provider, device_id, folder)
+        return DenseGraph("classifier", dense, session, input_spec(dense, layout, where), img_size, grid, head, diff)
+    grid = to_dense_map(probe, where)  # refuses any other shape, and N not a square
+    check_logits(torch.from_numpy(np.asarray(grid, dtype=np.float32)), num_classes, where)
+    if probe.ndim == 4:
+        return DenseGraph("dense", model, session, spec, img_size, grid.shape[2:])
+    dense = tokens_on_grid(model, grid.shape[1], where)
+    diff = verify_grid(model, probe, grid, where)
+    return DenseGraph("tokens", dense, session, spec, img_size, grid.shape[2:], diff=diff)
+
+
+def _grid_nodes(graph: onnx.GraphProto, tokens: str, output: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes taking ``tokens`` ``[B, N, C]`` to ``output`` ``[B, C, s, s]`` with ``s = sqrt(N)``
+    computed in the graph (row-major, as :func:`to_dense_map`), and the constants they use."""
+    keys = ("nchw_tokens", "shape", "n_index", "n", "n_float", "side_float", "side", "keep", "rest", "target")
+    n = {key: _unique(graph, f"dense_teacher_grid_{key}") for key in keys}
+    constants = [
+        numpy_helper.from_array(np.array([1], np.int64), n["n_index"]),
+        numpy_helper.from_array(np.array([0, 0], np.int64), n["keep"]),  # Reshape: 0 copies B and C
+        numpy_helper.from_array(np.array([-1], np.int64), n["rest"]),
+    ]
+    nodes = [
+        helper.make_node("Transpose", [tokens], [n["nchw_tokens"]], perm=[0, 2, 1]),
+        helper.make_node("Shape", [tokens], [n["shape"]]),
+        helper.make_node("Gather", [n["shape"], n["n_index"]], [n["n"]], axis=0),
+        helper.make_node("Cast", [n["n"]], [n["n_float"]], to=onnx.TensorProto.FLOAT),
+        helper.make_node("Sqrt", [n["n_float"]], [n["side_float"]]),  # exact for a square N below 2**24
+        helper.make_node("Cast", [n["side_float"]], [n["side"]], to=onnx.TensorProto.INT64),
+        helper.make_node("Concat", [n["keep"], n["side"], n["rest"]], [n["target"]], axis=0),
+        helper.make_node("Reshape", [n["nchw_tokens"], n["target"]], [output], name=_unique(graph, "dense_teacher_grid")),
+    ]
+    return nodes, constants
+
+
+def tokens_on_grid(model: onnx.ModelProto, classes: int, where: str) -> onnx.ModelProto:
+    """A ``[B, N, C]`` token graph whose output, under the same name, is ``[B, C, s, s]``:
+    the tokens laid on the square grid in the graph, so the file is a dense teacher too."""
+    dense = copy.deepcopy(model)
+    graph = dense.graph
+    output = graph.output[0]
+    tokens = _unique(graph, "dense_teacher_tokens")
+    for node in graph.node:  # the producer now makes ``tokens``; any reader of the output reads them
+        node.output[:] = [tokens if o == output.name else o for o in node.output]
+        node.input[:] = [tokens if i == output.name else i for i in node.input]
+    nodes, constants = _grid_nodes(graph, tokens, output.name)
+    graph.initializer.extend(constants)
+    graph.node.extend(nodes)
+    value_info = [v for v in graph.value_info if v.name != output.name]
+    del graph.value_info[:]
+    graph.value_info.extend(value_info)
+    batch = output.type.tensor_type.shape.dim[0] if output.type.tensor_type.shape.dim else None
+    output.CopyFrom(helper.make_tensor_value_info(
+        output.name, output.type.tensor_type.elem_type,
+        [(batch.dim_param or batch.dim_value or "batch") if batch is not None else "batch", classes, "height", "width"],
+    ))
+    try:
+        onnx.checker.check_model(shapes_only(dense))
+    except onnx.checker.ValidationError as e:
+        raise DenseRewriteError(f"{where}: the rewritten graph does not check ({_first_line(e)})") from None
+    return dense
+
+
+def verify_grid(model: onnx.ModelProto, tokens: np.ndarray, grid: np.ndarray, where: str) -> float:
+    """Run the nodes :func:`tokens_on_grid` appends on the probe's ``tokens`` alone (not the
+    whole teacher again): they must give ``grid``, the tokens as the labeler lays them out."""
+    output = model.graph.output[0]
+    graph = helper.make_graph([], "grid", [helper.make_tensor_value_info(
+        "tokens", output.type.tensor_type.elem_type, [None, None, tokens.shape[2]])], [helper.make_tensor_value_info(
+        "grid", output.type.tensor_type.elem_type, None)])
+    nodes, constants = _grid_nodes(graph, "tokens", "grid")
+    graph.node.extend(nodes)
+    graph.initializer.extend(constants)
+    check = helper.make_model(graph, opset_imports=[o for o in model.opset_import if o.domain in ("", "ai.onnx")],
+                              ir_version=model.ir_version)
+    got = make_session(check, where).run(None, {"tokens": tokens})[0]
+    if got.shape != grid.shape:
+        raise DenseRewriteError(f"{where}: the tokens on the grid have shape {list(got.shape)}, not {list(grid.shape)}")
+    diff = float(np.abs(got.astype(np.float64) - grid.astype(np.float64)).max())
+    if diff != 0.0:
+        raise DenseRewriteError(f"{where}: the tokens laid on the grid in the graph differ by {diff:.2e}")
+    return diff
+
+
+def load_onnx_teacher(
+    path: str | Path, img_size: int, layout: str = "nchw", provider: str = "cpu", device_id: int = 0,
+    limits: Limits | None = None, num_classes: int | None = None,
+) -> OnnxTeacher:
+    """A teacher from an ONNX file, as :func:`dense_graph` decides it (the decision
+    ``lvvit-label dense-teacher`` makes too): dense maps and tokens as they are, a ``[B, C]``
+    classifier rewritten by :func:`make_dense` and checked by :func:`verify_dense`."""
+    where = str(path)
+    found = dense_graph(load_model(path), where, img_size, layout, Path(path).parent, limits, provider, device_id,
+                        num_classes)
+    log.info("%s %s", where, found.describe())
+    return OnnxTeacher(found.session, found.spec, where, limits)

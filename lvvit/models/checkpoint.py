@@ -81,7 +81,7 @@ def read_checkpoint(path: str | Path, use_ema: bool = False) -> Checkpoint:
     ``module.`` are removed so the names are those of the bare model.
     """
     path = Path(path)
-    obj = load_data(path)
+    obj = load_safetensors(path) if path.suffix == ".safetensors" else load_data(path)
     if not isinstance(obj, Mapping):
         raise CheckpointError(
             f"{path}: expected a state dict or a checkpoint dict, found a {type(obj).__name__}"
@@ -98,7 +98,52 @@ def read_checkpoint(path: str | Path, use_ema: bool = False) -> Checkpoint:
     if len(cleaned) != len(state):
         raise CheckpointError(f"{path}: parameter names collide once wrapper prefixes are removed")
     model_args = obj.get("model_args")
-    return Checkpoint(path, cleaned, dict(model_args) if isinstance(model_args, Mapping) else {}, use_ema)
+    if not isinstance(model_args, Mapping):
+        model_args = model_args_beside(path)
+    return Checkpoint(path, cleaned, dict(model_args), use_ema)
+
+
+MODEL_ARGS_FILE = "lvvit_model.json"
+"""``{"model_args": {...}}``, written by training into the run folder and its checkpoint
+folder, so weights consolidated by other tools (DeepSpeed's ``zero_to_fp32.py``, which
+writes a bare state dict) still name their architecture."""
+
+
+def model_args_beside(path: Path) -> dict[str, Any]:
+    """The ``model_args`` of :data:`MODEL_ARGS_FILE` beside ``path`` or one folder up (the run
+    folder, where ``zero_to_fp32.py . ../fp32`` puts its output next to); ``{}`` if none."""
+    from lvvit import jsonload
+
+    for folder in (path.parent, path.parent.parent):
+        candidate = folder / MODEL_ARGS_FILE
+        if candidate.is_file():
+            found = jsonload.load_object(candidate).get("model_args")
+            if not isinstance(found, Mapping):
+                raise CheckpointError(f"{candidate}: expected an object 'model_args'")
+            return dict(found)
+    return {}
+
+
+def load_safetensors(path: Path) -> dict[str, Any]:
+    """A ``.safetensors`` file (a format that holds tensors only, so nothing in it can run) as
+    ``{"state_dict": ..., "model_args": ...}``; ``model_args`` from its metadata's
+    ``lvvit_model_args`` when a writer put them there."""
+    from safetensors import SafetensorError, safe_open
+
+    from lvvit import jsonload
+
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            state = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+    out: dict[str, Any] = {"state_dict": state}
+    if "lvvit_model_args" in metadata:
+        out["model_args"] = jsonload.loads(metadata["lvvit_model_args"])
+    return out
 
 
 def read_state_dict(path: str | Path, use_ema: bool = False) -> dict[str, torch.Tensor]:

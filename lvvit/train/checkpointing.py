@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from lvvit import atomic
 from lvvit.errors import ConfigError, exits_on_error, first_line
-from lvvit.models.checkpoint import CheckpointError, check_data, load_data
+from lvvit.models.checkpoint import MODEL_ARGS_FILE, CheckpointError, check_data, load_data
 from lvvit.train.ema import ModelEma
 from lvvit.train.state import GlobalBatchMismatch, TrainState
 
@@ -172,6 +172,25 @@ def deepspeed_loads_data_only() -> Iterator[None]:
                 os.environ[key] = value
 
 
+def rank_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's floating-point buffers (BatchNorm running statistics). Each rank's are its
+    own until the epoch end averages them, and DeepSpeed saves only rank 0's module state, so
+    without these a resumed rank would carry rank 0's statistics into that average."""
+    return {n: b.detach().cpu().clone() for n, b in module.named_buffers() if b.dtype.is_floating_point}
+
+
+def read_buffers_file(path: Path, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A rank's buffers file as data, each name and shape the module's; ``CheckpointError`` else."""
+    state = load_data(path, allowed=())
+    expected = rank_buffers(module)
+    if not isinstance(state, dict) or set(state) != set(expected):
+        raise CheckpointError(f"{path}: its buffers are not the model's floating-point buffers")
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor) or value.shape != expected[name].shape:
+            raise CheckpointError(f"{path}: '{name}' is not a tensor of shape {tuple(expected[name].shape)}")
+    return state
+
+
 def check_tag_files(tag_dir: Path) -> None:
     """Refuse a tag before DeepSpeed reads it if any of its files (universal ones included)
     holds more than data; the error names the file. Ours (``lvvit_*``) are checked as read."""
@@ -248,8 +267,12 @@ class Checkpointer:
                                     save_latest=False)
         rank = dist.get_rank()
         atomic_torch_save(rng_state(), self.directory / tag / f"lvvit_rng_rank{rank}.pt")
+        atomic_torch_save(rank_buffers(self.engine.module), self.directory / tag / f"lvvit_buffers_rank{rank}.pt")
         if rank == 0 and ema_state is not None:
             atomic_torch_save(ema_state, self.directory / tag / EMA_FILE)
+        if rank == 0 and "model_args" in extra:  # for weights that other tools consolidate
+            for folder in (self.directory, self.directory.parent):
+                atomic.write_json(folder / MODEL_ARGS_FILE, {"model_args": extra["model_args"]})
         dist.barrier()  # every rank's files of the tag are complete
         if rank == 0:
             write_latest(self.directory, tag)
@@ -287,11 +310,18 @@ class Checkpointer:
             tag_dir = self.locate(which)
             check_tag_files(tag_dir)
             rng = self.read_rng(tag_dir)
+            buffers_file = tag_dir / f"lvvit_buffers_rank{dist.get_rank()}.pt"
+            buffers = read_buffers_file(buffers_file, self.engine.module) if buffers_file.is_file() else None
             if self.ema is not None:
                 self.restore_ema(tag_dir)
         except (CheckpointError, FileNotFoundError) as err:
             raise ConfigError(f"--resume: {err}") from None
         ours = self.load_engine(tag_dir).get("lvvit", {})
+        if buffers is not None:  # this rank's own statistics over rank 0's (older tags: rank 0's)
+            own = dict(self.engine.module.named_buffers())
+            with torch.no_grad():
+                for name, value in buffers.items():
+                    own[name].copy_(value)
         try:
             self.state.load_state_dict(ours)
         except GlobalBatchMismatch as err:

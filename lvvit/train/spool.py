@@ -4,7 +4,7 @@ JSON object a line, and the check every line passes before any of them is sent.
 A spool is a file in a folder, so it is data: whoever can write the folder can write it.
 Sending it (live, or with ``python -m lvvit.train.tracking replay``) must then do no more
 than the trainer itself does, to the run that folder records: log metrics, params and tags,
-upload files of that folder, set that run's status. So each line is checked for its shape
+upload files of that folder, name the datasets it read, set that run's status. So each line is checked for its shape
 (known kind, known fields, types, bounded sizes, finite steps and times), each run id must
 be one recorded in the folder (``mlflow_run.json``, ``mlflow_eval_run.json``) and each
 artifact a file inside the folder; the first line that is not is refused by number, before
@@ -52,10 +52,20 @@ FIELDS: dict[str, set[str]] = {
     "dict": {"data", "name"},
     "text": {"text", "name"},
     "end": {"status", "time"},
+    "inputs": {"datasets"},
 }
 """Each kind's fields besides ``kind`` and ``run``; ``record_in`` is the older spelling of
 ``record`` (a path, now only read as "record the run here")."""
 OPTIONAL = {"run", "record", "record_in", "artifact_path"}
+DATASET_FIELDS = {"name", "digest", "digest_of", "source_type", "uri", "context", "samples", "shards", "classes",
+                  "used_samples"}
+"""One dataset of an ``inputs`` record (lvvit/train/lineage.py); each is required, counts may be null."""
+CONTEXTS = ("training", "eval", "calibration")
+SOURCE_TYPES = ("local", "http", "s3", "gs", "pipe")
+DIGESTS_OF = ("manifest", "shards")
+MAX_DATASETS = 16
+MAX_URI_CHARS = 8000
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class BadRecord(ValueError):
@@ -198,8 +208,29 @@ def _end(record: dict, output: Path) -> None:
     _int(record, "time")
 
 
+def _inputs(record: dict, output: Path) -> None:
+    """Datasets as :func:`lvvit.train.lineage.dataset` writes them: fixed fields, known
+    kinds, bounded text, a SHA-256, counts that are integers or null."""
+    datasets = record["datasets"]
+    if not isinstance(datasets, list) or not 1 <= len(datasets) <= MAX_DATASETS:
+        raise BadRecord(f"'datasets' must be a list of 1 to {MAX_DATASETS} datasets")
+    for d in datasets:
+        if not isinstance(d, dict) or set(d) != DATASET_FIELDS:
+            raise BadRecord(f"a dataset is an object with exactly the fields {', '.join(sorted(DATASET_FIELDS))}")
+        _text(d["name"], "a dataset 'name'", 500)
+        _text(d["uri"], "a dataset 'uri'", MAX_URI_CHARS)
+        if not d["name"] or not isinstance(d["digest"], str) or SHA256.fullmatch(d["digest"]) is None:
+            raise BadRecord("a dataset needs a name and a hex SHA-256 'digest'")
+        for key, allowed in (("context", CONTEXTS), ("source_type", SOURCE_TYPES), ("digest_of", DIGESTS_OF)):
+            if d[key] not in allowed:
+                raise BadRecord(f"a dataset {key!r} must be one of {', '.join(allowed)}")
+        for key in ("samples", "shards", "classes", "used_samples"):
+            if d[key] is not None and (type(d[key]) is not int or not 0 <= d[key] <= MAX_INT):
+                raise BadRecord(f"a dataset {key!r} must be null or an integer in [0, 2^63)")
+
+
 CHECKS = {"create": _create, "resume": lambda r, o: None, "params": _params, "metrics": _metrics,
-          "artifact": _artifact, "dict": _dict, "text": _text_record, "end": _end}
+          "artifact": _artifact, "dict": _dict, "text": _text_record, "end": _end, "inputs": _inputs}
 
 
 # ----------------------------------------------------------------- the whole spool

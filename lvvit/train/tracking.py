@@ -42,6 +42,7 @@ from typing import Any
 
 from lvvit import atomic
 from lvvit.errors import ConfigError, DataError, exits_on_error, first_line
+from lvvit.train.lineage import send_inputs
 from lvvit.train.spool import (
     EVAL_RUN_FILE,
     FILE_NAME,
@@ -143,18 +144,16 @@ def apply(client, record: dict[str, Any], run_id: str | None, output: Path) -> s
         return run.info.run_id
     if run_id is None:
         raise ValueError(f"a {kind!r} record has no run (no 'create' record before it)")
+    from mlflow.entities import Metric, Param
+
     if kind == "resume":
         client.update_run(run_id, status="RUNNING")
     elif kind == "params":
         existing = client.get_run(run_id).data.params
         fresh = {k: v for k, v in record["params"].items() if k not in existing}
         if fresh:
-            from mlflow.entities import Param
-
             client.log_batch(run_id, params=[Param(k, v) for k, v in fresh.items()])
     elif kind == "metrics":
-        from mlflow.entities import Metric
-
         client.log_batch(run_id, metrics=[Metric(k, float(v), record["time"], record["step"])
                                           for k, v in record["metrics"].items()])
     elif kind == "artifact":
@@ -164,6 +163,8 @@ def apply(client, record: dict[str, Any], run_id: str | None, output: Path) -> s
         client.log_dict(run_id, record["data"], record["name"])
     elif kind == "text":
         client.log_text(run_id, record["text"], record["name"])
+    elif kind == "inputs":  # the datasets the run reads (lvvit/train/lineage.py)
+        send_inputs(client, run_id, record["datasets"])
     elif kind == "end":
         client.set_terminated(run_id, status=record["status"], end_time=record["time"])
     else:
@@ -429,11 +430,8 @@ class MlflowTracker(NullTracker):
                         self.client.tracking_uri, self.output)
 
 
-def make_tracker(
-    enabled: bool, rank: int, experiment: str, run_name: str, output: Path,
-    tags: dict[str, str], run_id: str | None, system_metrics: bool, record: bool = True,
-    strict: bool = False,
-) -> NullTracker:
+def make_tracker(enabled: bool, rank: int, experiment: str, run_name: str, output: Path, tags: dict[str, str],
+                 run_id: str | None, system_metrics: bool, record: bool = True, strict: bool = False) -> NullTracker:
     """``record=False`` leaves ``OUTPUT/mlflow_run.json`` alone (an eval-only run must not
     take the place of the training run that ``--resume`` continues)."""
     if not enabled or rank != 0:
