@@ -3,8 +3,10 @@ Inference Protocol (REST and gRPC) with MLServer, so ``tritonclient`` talks to i
 
 Inputs ``images`` (the exported tensor) or ``image_bytes`` (JPEG/PNG files, preprocessed on
 the server as in evaluation); outputs ``logits``, ``labels`` and ``scores`` (top-k, request
-parameter ``top_k``, default 5). Health at /v2/health/{live,ready}, metadata at
-/v2/models/NAME, Prometheus metrics at http://HOST:METRICS_PORT/metrics. SIGTERM or Ctrl-C
+parameter ``top_k``, default 5; Triton's ``class_count`` on ``logits``). The model is version
+"1" as in the Triton repository lvvit-export writes. Health at /v2/health/{live,ready},
+metadata at /v2/models/NAME, Triton's model configuration at /v2/models/NAME/config,
+Prometheus metrics at http://HOST:METRICS_PORT/metrics. SIGTERM or Ctrl-C
 stops accepting work, lets in-flight requests finish and exits 0. See docs/serving.md.
 """
 

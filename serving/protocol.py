@@ -12,6 +12,10 @@ or ``image_bytes`` (BYTES ``[n]`` or ``[n, 1]``: encoded JPEG/PNG files). Output
 ``top_k`` (default 5). Binary payloads may be sent base64-encoded in JSON with the input
 parameter ``content_type: "base64"`` (MLServer's convention): one string per BYTES element,
 or one string holding the raw little-endian tensor for ``images``.
+
+Triton's classification extension: a requested ``logits`` output with the parameter
+``classification: N`` (tritonclient's ``class_count``) comes back as BYTES ``[n, N]``
+strings ``"<value>:<index>:<label>"``, highest value first, as Triton writes them.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from lvvit.loader.targets import build_token_targets
 from lvvit.models import create_model
 from lvvit.models.lvvit import box_mask
 from lvvit.train.loss import (
@@ -16,7 +17,6 @@ from lvvit.train.loss import (
     mix_token_lam,
     smoothed_one_hot,
 )
-from lvvit.train.targets import build_token_targets
 
 
 def _logits(*probs: list[float]) -> torch.Tensor:

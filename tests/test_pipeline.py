@@ -20,9 +20,9 @@ from test_transforms import GEOMETRIC, MAP_BOX, painted_jpeg, painted_label_map,
 
 from lvvit.data.labelmap import encode_tlm
 from lvvit.loader.pipeline import eval_loader, train_loader
+from lvvit.loader.targets import build_token_targets
 from lvvit.loader.transforms import RandAugment
 from lvvit.ports import free_port
-from lvvit.train.targets import build_token_targets
 
 JPEG = painted_jpeg(120, 90)
 TLM = encode_tlm(painted_label_map())
@@ -95,7 +95,7 @@ def test_plain_label_shards_give_no_map_keys(tmp_path: Path) -> None:
 
 def test_token_targets_from_a_batch_match_its_images(tmp_path: Path) -> None:
     """Shards -> worker transform (draft decode, geometric RandAugment, crop, flip) ->
-    batch -> lvvit.train.targets: each token's target class is the class painted under it."""
+    batch -> lvvit.loader.targets: each token's target class is the class painted under it."""
     root = write_shards(tmp_path / "d", [32])
     loader = train_loader(
         root, batch_size=32, img_size=64, num_workers=0, erase_prob=0.0,

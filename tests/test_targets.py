@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lvvit.train.targets import build_token_targets
+from lvvit.loader.targets import build_token_targets
 
 
 def _bilinear(dense: torch.Tensor, y: float, x: float) -> torch.Tensor:

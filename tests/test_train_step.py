@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch._inductor.config
 
+from lvvit.loader.targets import build_token_targets, crop_weights, targets_from_weights
 from lvvit.models import create_model
 from lvvit.models.lvvit import box_mask
 from lvvit.train.loss import TokenLabelingLoss
 from lvvit.train.step import STEP_STATS, Objective, PlainEngine, train_step
-from lvvit.train.targets import build_token_targets, crop_weights, targets_from_weights
 
 CLASSES = 5
 TINY = {"img_size": 32, "num_classes": CLASSES, "embed_dim": 32, "depth": 1, "num_heads": 2, "stem_width": 8,

@@ -62,9 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per pipeline; the median counts (default 5)")
     parser.add_argument("--passes", type=int, default=2, help="passes over the images per round (default 2)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--source", choices=("memory", "http", "sampling"), default="memory",
+    parser.add_argument("--source", choices=("memory", "http", "s3", "sampling"), default="memory",
                         help="memory: per-worker transform speed (default); http: the training loader over "
-                        "shards on local disk vs the same shards through a loopback HTTP server; sampling: "
+                        "shards on local disk vs the same shards through a loopback HTTP server; s3: the same "
+                        "through a loopback S3 server (lvvit.bench.data_s3); sampling: "
                         "exact epochs vs resampling, and the cost of resuming mid-epoch")
     parser.add_argument("--resume-shards", type=int, default=1000,
                         help="tiny shards in the resume measurement of --source sampling (default 1000)")
@@ -303,6 +304,11 @@ def run(args: argparse.Namespace) -> None:
         return
     if args.source == "sampling":
         run_sampling(args)
+        return
+    if args.source == "s3":
+        from lvvit.bench.data_s3 import run_s3
+
+        run_s3(args)
         return
     torch.set_num_threads(1)  # one worker process = one core
     size = args.img_size

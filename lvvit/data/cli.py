@@ -197,8 +197,8 @@ def _print_build_report(summary: dict, args) -> None:
 
 def _preview(args) -> int:
     from lvvit.data.labelmap import LabelMapError
-    from lvvit.data.preview import render_preview
     from lvvit.data.tarsamples import ShardReadError
+    from lvvit.loader.preview import render_preview
 
     try:
         width, height = render_preview(_open_source(args), args.out, n=args.n, crop=args.crop, tile=args.tile,
@@ -253,7 +253,7 @@ def _verify_all(source) -> tuple[list[int], list[str]]:
 
 def _describe_first_sample(source) -> None:
     from lvvit.data.labelmap import decode_tlm
-    from lvvit.data.preview import first_samples
+    from lvvit.loader.preview import first_samples
 
     first = next(iter(first_samples(source, 1)), None)
     if first is None:

@@ -14,8 +14,10 @@ job resumes when the same command is run again.
 
 The teacher is a built-in, a Python factory, or an ONNX file (--teacher onnx:PATH) run by
 ONNX Runtime; an ONNX classifier ([B, C] logits from global average pooling and a linear
-layer) is made dense automatically. `lvvit-label dense-teacher IN.onnx OUT.onnx` does that
-rewrite alone and writes the dense graph (docs/labeling.md).
+layer) is made dense automatically. `lvvit-label dense-teacher IN.onnx OUT.onnx` makes the
+same decision (``lvvit.labeling.onnx_teacher.dense_graph``: dense maps as they are, patch
+tokens laid on their grid, classifiers rewritten) and writes the dense graph
+(docs/labeling.md); both refuse the same graphs with the same line.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from lvvit.data.source import (
 from lvvit.data.tarsamples import ShardReadError, count_tar_samples
 from lvvit.digest import file_sha256
 from lvvit.errors import ConfigError, DataError, exits_on_error
+from lvvit.labeling.dense_rewrite import LAYOUTS
 from lvvit.labeling.labeler import CHANNEL_ORDERS, PRECISIONS, Labeler, ShardResult
 from lvvit.labeling.onnx_file import (
     DEFAULT_TENSOR_MIB,
@@ -52,7 +55,7 @@ from lvvit.labeling.onnx_file import (
     Limits,
     default_memory_bytes,
 )
-from lvvit.labeling.onnx_teacher import LAYOUTS, OnnxTeacherError, fixed_size, load_onnx_teacher
+from lvvit.labeling.onnx_teacher import OnnxTeacherError, fixed_size, load_onnx_teacher
 from lvvit.labeling.sources import Plan, ShardJob, is_shard_folder, plan_image_folder, plan_shards
 from lvvit.labeling.teacher import TEACHERS, TeacherOutputError, build_teacher
 from lvvit.onnxrt import PROVIDERS

@@ -27,9 +27,9 @@ import onnx
 from lvvit import atomic
 from lvvit.errors import ConfigError, exits_on_error
 from lvvit.labeling.cli import add_limit_args, limits_from_args
+from lvvit.labeling.dense_rewrite import LAYOUTS
 from lvvit.labeling.onnx_file import Limits, graph_tensors
 from lvvit.labeling.onnx_teacher import (
-    LAYOUTS,
     OnnxTeacherError,
     dense_graph,
     input_spec,

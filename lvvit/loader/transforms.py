@@ -9,7 +9,7 @@ relative to the crop, as in timm and the official recipe) -> horizontal flip -> 
 erasing -> uint8. The label map is never cropped here: the geometric RandAugment ops are
 re-expressed in the map's own grid through the crop box (:func:`warp_label_map`), and the
 crop box (normalised coordinates of the image) and flip flag travel with the batch to
-``lvvit.train.targets``, which RoIAligns the map on the device. Running RandAugment after the
+``lvvit.loader.targets``, which RoIAligns the map on the device. Running RandAugment after the
 crop also costs a fraction of running it on the whole decoded image.
 
 Images leave the worker as uint8 (4x fewer bytes through the DataLoader and to the

@@ -10,7 +10,8 @@ page's Datasets panel lists them, and a model registered from the run is traced 
   SHA-256 of the source's ``manifest.json`` when the spec names exactly the shards it lists,
   else of the shard list (a line ``name<TAB>samples`` per shard, in order, samples empty
   when unknown); the whole SHA-256 and which of the two it is are in the profile;
-* source: the spec as a URI (a local one made absolute, a password in an http URL hidden),
+* source: the spec as a URI (a local one made absolute, a password in an http URL hidden,
+  at most ``spool.MAX_URI_CHARS`` characters),
   typed ``local``, ``http``, ``s3``, ``gs`` or ``pipe``;
 * profile: samples, shards and classes (left out when unknown), the SHA-256 and what it is of;
 * input tags: the context, and for calibration ``lvvit.used_samples`` (the samples read):
@@ -36,7 +37,7 @@ from lvvit import jsonload
 from lvvit.data.source import MANIFEST, MAX_JSON_BYTES, ShardSource
 from lvvit.data.streams import is_remote, open_url, shard_name
 from lvvit.errors import first_line
-from lvvit.train.spool import CONTEXTS
+from lvvit.train.spool import CONTEXTS, MAX_URI_CHARS
 
 log = logging.getLogger("lvvit.train.tracking")
 
@@ -123,7 +124,7 @@ def dataset(source: ShardSource, context: str, used_samples: int | None = None) 
     classes = source.classes
     return {"name": dataset_name(source.spec), "digest": digest or shard_list_sha256(source),
             "digest_of": "shards" if digest is None else "manifest", "source_type": source_type(source.spec),
-            "uri": source_uri(source.spec), "context": context, "samples": source.total,
+            "uri": source_uri(source.spec)[:MAX_URI_CHARS], "context": context, "samples": source.total,
             "shards": len(source.urls), "classes": None if classes is None else len(classes),
             "used_samples": used_samples}
 
@@ -152,10 +153,18 @@ def send_inputs(client, run_id: str, datasets: list[dict[str, Any]]) -> None:
 
 def log_sources(tracker, sources: list[tuple[ShardSource | None, str]]) -> None:
     """The sources a run reads, as one ``inputs`` record on ``tracker`` (nothing on a
-    ``NullTracker``: other ranks and ``--no-mlflow`` read no manifest again)."""
+    ``NullTracker``: other ranks and ``--no-mlflow`` read no manifest again); a source that
+    cannot be described is a warning."""
     if not hasattr(tracker, "put"):
         return
-    datasets = [dataset(source, context) for source, context in sources if source is not None]
+    datasets = []
+    for source, context in sources:
+        try:
+            if source is not None:
+                datasets.append(dataset(source, context))
+        except Exception as err:  # lineage never costs a run
+            log.warning("the %s source %s is not logged as an MLflow dataset: %s", context, source.spec,
+                        first_line(err))
     if datasets:
         tracker.put({"kind": "inputs", "datasets": datasets})
 

@@ -56,7 +56,7 @@ def blend_ground_truth(teacher: Tensor, one_hot: Tensor, labels: Tensor) -> Tens
 class TokenLabelingLoss(nn.Module):
     """``cls_weight * CE(cls, mix(t_cls)) + dense_weight * mean_tokens CE(aux, t_tok)``.
 
-    With ``cls_target``/``token_target`` from :func:`lvvit.train.targets.build_token_targets`
+    With ``cls_target``/``token_target`` from :func:`lvvit.loader.targets.build_token_targets`
     both heads learn from the teacher's maps; without them (transfer, no maps) both learn
     from the smoothed one-hot label. ``ground_truth=True`` blends the label into the
     teacher's class target before MixToken mixing, as the official code does.

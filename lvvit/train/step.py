@@ -28,8 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from lvvit.data.decode import normalize
+from lvvit.loader.targets import check_target_inputs, crop_weights, targets_from_weights
 from lvvit.train.loss import LossParts
-from lvvit.train.targets import check_target_inputs, crop_weights, targets_from_weights
 
 STEP_STATS = ("loss", "cls_loss", "aux_loss", "finite_micro_batches", "non_finite_micro_batches")
 """The entries of the float64 vector ``train_step`` returns: loss sums over the finite

@@ -4,7 +4,7 @@ Each tile is a sample with its label map drawn over the part of the image the ma
 covers: the top-1 class of every cell as a colour, its softmax score (over all classes,
 non-top-k logits at 0 as the targets builder treats them) as opacity. With ``crop`` a
 second tile shows one random training crop (RandomResizedCrop + flip) and the token
-targets ``lvvit.train.targets.build_token_targets`` gives it, drawn the same way, so a wrong
+targets ``lvvit.loader.targets.build_token_targets`` gives it, drawn the same way, so a wrong
 box, axis order or flip shows up as colours that no longer sit on the objects.
 Colours go to the classes seen most in the grid; the legend names them.
 """
@@ -101,8 +101,8 @@ def crop_tile(
     """A random training crop and its token targets from the real targets builder."""
     import torch
 
+    from lvvit.loader.targets import build_token_targets
     from lvvit.loader.transforms import sample_crop_box
-    from lvvit.train.targets import build_token_targets
 
     left, top, w, h = sample_crop_box(image.width, image.height, rng)
     flip = rng.random() < 0.5
