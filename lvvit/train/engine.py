@@ -9,6 +9,7 @@ for training, the per-step lr schedule.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -40,11 +41,29 @@ def init_distributed() -> tuple[int, int, torch.device]:
     ensure_dist_env()
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
+    release_shm_buffer(rank)
     if rank != 0:
         logging.getLogger("lvvit").setLevel(logging.WARNING)
     # before any tensor is placed: DeepSpeed only selects the rank's GPU inside initialize()
     get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return rank, world, torch.device(get_accelerator().current_device_name())
+
+
+def release_shm_buffer(rank: int) -> None:
+    """Unlink this rank's name of the shared-memory all-reduce buffer that DeepSpeed's CPU
+    communication op creates in ``/dev/shm`` (67 MB per rank) and never removes: every run
+    on the CPU accelerator would otherwise leave its buffers in RAM until reboot. All ranks
+    have mapped each other's buffers once ``init_distributed`` returns; after a barrier the
+    names are no longer needed, and the memory is freed when the last rank exits."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":  # the same on every rank: all or none wait
+        return
+    dist.barrier()
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    with contextlib.suppress(FileNotFoundError):  # DeepSpeed without the op: no buffer
+        os.unlink(name)
 
 
 def seed_everything(seed: int) -> None:
