@@ -19,9 +19,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from lvvit.data import preview
 from lvvit.data.cli import main
 from lvvit.data.labelmap import centre_square_box, decode_tlm
+from lvvit.loader import preview
 
 RED, BLUE = (230, 20, 20), (20, 20, 230)
 

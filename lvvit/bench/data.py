@@ -171,6 +171,20 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+def interleaved_rates(specs: dict[str, str], args: argparse.Namespace, steps: int) -> dict[str, list[float]]:
+    """Images/s of each source over ``args.rounds`` rounds, the sources taking turns within a
+    round so that machine noise hits them alike; one short warm-up pass each first (imports,
+    page cache, clients)."""
+    for spec in specs.values():
+        _loader_rate(spec, args, 2)
+    rates: dict[str, list[float]] = {name: [] for name in specs}
+    for r in range(args.rounds):
+        for name, spec in specs.items():
+            rates[name].append(_loader_rate(spec, args, steps))
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {v[-1]:.1f} img/s" for n, v in rates.items()))
+    return rates
+
+
 def _loader_rate(spec: str, args: argparse.Namespace, steps: int) -> float:
     """Wall-clock images/s of one epoch of the training loader over ``spec``."""
     from lvvit.loader.pipeline import train_loader
@@ -197,13 +211,7 @@ def run_http(args: argparse.Namespace) -> None:
         print(f"machine: {cpu_info()[0]}; {len(jpegs)} JPEGs in 8 shards, {args.workers} loader workers, "
               f"batch 32 at {args.img_size}, {steps} batches per round")
         try:
-            for spec in specs.values():  # warm-up: imports, page cache
-                _loader_rate(spec, args, 2)
-            rates: dict[str, list[float]] = {name: [] for name in specs}
-            for r in range(args.rounds):
-                for name, spec in specs.items():
-                    rates[name].append(_loader_rate(spec, args, steps))
-                print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {v[-1]:.1f} img/s" for n, v in rates.items()))
+            rates = interleaved_rates(specs, args, steps)
         finally:
             server.shutdown()
             server.server_close()

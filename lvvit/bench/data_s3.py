@@ -79,7 +79,7 @@ def upload(folder: Path, prefix: str) -> str:
 
 def run_s3(args: argparse.Namespace) -> None:
     """Local shards vs the same shards in a loopback S3 bucket, in one run, rounds alternating."""
-    from lvvit.bench.data import _loader_rate, cpu_info, sample_jpegs, write_bench_shards
+    from lvvit.bench.data import cpu_info, interleaved_rates, sample_jpegs, write_bench_shards
 
     torch.set_num_threads(1)
     jpegs = sample_jpegs(args.images, args.seed)
@@ -92,13 +92,7 @@ def run_s3(args: argparse.Namespace) -> None:
         print(f"machine: {cpu_info()[0]}, {os.cpu_count()} vCPUs; {len(jpegs)} JPEGs in 8 shards of {size:.1f} MiB, "
               f"{args.workers} loader workers, batch 32 at {args.img_size}, {steps} batches per round; "
               f"S3: moto server at {endpoint} (in this process)")
-        for spec in specs.values():  # warm-up: imports, page cache, the S3 client
-            _loader_rate(spec, args, 2)
-        rates: dict[str, list[float]] = {name: [] for name in specs}
-        for r in range(args.rounds):
-            for name, spec in specs.items():
-                rates[name].append(_loader_rate(spec, args, steps))
-            print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {v[-1]:.1f} img/s" for n, v in rates.items()))
+        rates = interleaved_rates(specs, args, steps)
     local, remote = statistics.median(rates["local"]), statistics.median(rates["s3"])
     print(f"\ntraining loader, images/s (median of rounds): local disk {local:.1f}, loopback S3 {remote:.1f}")
     print(f"speed ratio (s3 / local; target >= 0.9x): {remote / local:.2f}x")
