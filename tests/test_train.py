@@ -227,7 +227,8 @@ def test_zero1_and_zero3_learn_consolidate_and_track(data, mlflow_server, tmp_pa
         assert tags["precision"] == "fp32" and tags["model"] == "lvvit_t" and len(tags["git_commit"]) >= 7
         artifacts = {a.path for a in client.list_artifacts(run_id)}
         assert {"weights.pth", "classes.json", "ds_config.json"} <= artifacts
-        assert datasets(run) == {"training": (file_sha256(data["tlm"] / "manifest.json")[:32], str(data["tlm"])),
+        train_spec = f"{data['tlm']}/data-{{000000..000001}}.tar"  # the spec as given: the two shards
+        assert datasets(run) == {"training": (file_sha256(data["tlm"] / "manifest.json")[:32], train_spec),
                                  "eval": (file_sha256(data["eval"] / "manifest.json")[:32], str(data["eval"]))}
         ds_logged = json.loads(Path(client.download_artifacts(run_id, "ds_config.json", str(tmp_path))).read_text())
         assert ds_logged["train_batch_size"] == 16 and ds_logged["zero_optimization"]["stage"] == stage

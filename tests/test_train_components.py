@@ -35,6 +35,7 @@ class FakeEngine:
 
     def __init__(self) -> None:
         self.global_steps = 0
+        self.module = torch.nn.BatchNorm1d(3)  # floating-point buffers: each rank saves its own
 
     def save_checkpoint(self, directory: str, tag: str, client_state: dict, save_latest: bool) -> None:
         assert not save_latest  # ``latest`` is the Checkpointer's
@@ -66,6 +67,7 @@ def test_save_policy_saves_every_n_steps_and_at_max_steps():
 
 def test_checkpointer_rotates_and_round_trips_the_state(tmp_path):
     saver = checkpointer(tmp_path, 16, keep=2)
+    saver.engine.module.running_mean.fill_(7.0)  # this rank's own statistics
     for step in (1, 2, 3):
         saver.engine.global_steps = step
         if saver.state.advance(step, steps_per_epoch=2):
@@ -79,6 +81,7 @@ def test_checkpointer_rotates_and_round_trips_the_state(tmp_path):
     assert ours["mlflow_run_id"] == "run-1"
     assert resumed.state == TrainState(global_batch=16, step=3, epoch=1, step_in_epoch=1) == saver.state
     assert resumed.last_tag == step_tag(3) and resumed.loaded_from == tmp_path / step_tag(3)
+    assert torch.equal(resumed.engine.module.running_mean, torch.full((3,), 7.0))
 
 
 def test_resume_refuses_another_global_batch_naming_both(tmp_path):

@@ -76,14 +76,20 @@ def verify_dense(original: onnx.ModelProto, dense: onnx.ModelProto, spec: InputS
 
 
 def _verify_dense(original: onnx.ModelProto, dense: onnx.ModelProto, spec: InputSpec, size: int, where: str,
-                  folder: Path | None = None, limits: Limits | None = None,
-                  session: ort.InferenceSession | None = None) -> tuple[float, tuple[int, int]]:
-    """:func:`verify_dense`'s figure and the map's ``(h, w)``; ``session``: a CPU session
-    of ``original`` already made."""
+                  folder: Path | None = None, limits: Limits | None = None) -> tuple[float, tuple[int, int]]:
+    """:func:`verify_dense`'s figure and the map's ``(h, w)``. One session at a time: a
+    teacher's weights are held once, not twice."""
     limits = limits or Limits()
     x = _example(spec, size, spec.batch or 2)
-    logits = _run(session or make_session(original, where, folder=folder), spec, x, where, limits).astype(np.float64)
-    maps = _run(make_session(dense, where, folder=folder), spec, x, where, limits).astype(np.float64)
+    logits = _run(make_session(original, where, folder=folder), spec, x, where, limits)
+    maps = _run(make_session(dense, where, folder=folder), spec, x, where, limits)
+    return dense_difference(logits, maps, spec, where)
+
+
+def dense_difference(logits: np.ndarray, maps: np.ndarray, spec: InputSpec, where: str) -> tuple[float, tuple[int, int]]:
+    """How far the dense maps' means are from the logits (and the maps' ``(h, w)``); refused
+    above :data:`DENSE_TOLERANCE`."""
+    logits, maps = logits.astype(np.float64), maps.astype(np.float64)
     if maps.ndim != 4 or logits.ndim != 2:
         raise DenseRewriteError(f"{where}: the rewrite gave {list(maps.shape)} for logits {list(logits.shape)}")
     diff = float(np.abs(maps.mean(axis=(2, 3)) - logits).max() / max(1.0, float(np.abs(logits).max())))
@@ -211,9 +217,13 @@ def dense_graph(
     if probe.ndim == 2:
         check_logits(torch.from_numpy(np.asarray(probe, dtype=np.float32)), num_classes, where)
         dense, head = make_dense(model, where, folder)
-        diff, grid = _verify_dense(model, dense, spec, img_size, where, folder, limits,
-                                   session if provider == "cpu" else None)  # the check runs on the CPU
-        session = make_session(dense, where, provider, device_id, folder)
+        x = _example(spec, img_size, spec.batch or 2)  # the check runs on the CPU
+        logits = _run(session if provider == "cpu" else make_session(model, where, folder=folder), spec, x, where,
+                      limits)
+        session = None  # one session, one copy of the weights, at a time
+        checker = make_session(dense, where, folder=folder)
+        diff, grid = dense_difference(logits, _run(checker, spec, x, where, limits), spec, where)
+        session = checker if provider == "cpu" else make_session(dense, where, provider, device_id, folder)
         return DenseGraph("classifier", dense, session, input_spec(dense, layout, where), img_size, grid, head, diff)
     grid = to_dense_map(probe, where)  # refuses any other shape, and N not a square
     check_logits(torch.from_numpy(np.asarray(grid, dtype=np.float32)), num_classes, where)

@@ -172,17 +172,21 @@ def deepspeed_loads_data_only() -> Iterator[None]:
                 os.environ[key] = value
 
 
-def rank_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """This rank's floating-point buffers (BatchNorm running statistics). Each rank's are its
-    own until the epoch end averages them, and DeepSpeed saves only rank 0's module state, so
-    without these a resumed rank would carry rank 0's statistics into that average."""
-    return {n: b.detach().cpu().clone() for n, b in module.named_buffers() if b.dtype.is_floating_point}
+def rank_buffers(module: torch.nn.Module, ema: ModelEma | None = None) -> dict[str, torch.Tensor]:
+    """This rank's floating-point buffers (BatchNorm running statistics) and, as ``ema.NAME``,
+    their EMA shadows. Each rank's are its own until the epoch end averages them, and
+    DeepSpeed (like ``lvvit_ema.pt``) saves only rank 0's, so without these a resumed rank
+    would carry rank 0's statistics into that average."""
+    out = {n: b.detach().cpu().clone() for n, b in module.named_buffers() if b.dtype.is_floating_point}
+    if ema is not None:
+        out.update({f"ema.{k}": ema.shadow[k].detach().cpu().clone() for k in ema.buffers})
+    return out
 
 
-def read_buffers_file(path: Path, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def read_buffers_file(path: Path, module: torch.nn.Module, ema: ModelEma | None) -> dict[str, torch.Tensor]:
     """A rank's buffers file as data, each name and shape the module's; ``CheckpointError`` else."""
     state = load_data(path, allowed=())
-    expected = rank_buffers(module)
+    expected = rank_buffers(module, ema)
     if not isinstance(state, dict) or set(state) != set(expected):
         raise CheckpointError(f"{path}: its buffers are not the model's floating-point buffers")
     for name, value in state.items():
@@ -267,7 +271,8 @@ class Checkpointer:
                                     save_latest=False)
         rank = dist.get_rank()
         atomic_torch_save(rng_state(), self.directory / tag / f"lvvit_rng_rank{rank}.pt")
-        atomic_torch_save(rank_buffers(self.engine.module), self.directory / tag / f"lvvit_buffers_rank{rank}.pt")
+        atomic_torch_save(rank_buffers(self.engine.module, self.ema),
+                          self.directory / tag / f"lvvit_buffers_rank{rank}.pt")
         if rank == 0 and ema_state is not None:
             atomic_torch_save(ema_state, self.directory / tag / EMA_FILE)
         if rank == 0 and "model_args" in extra:  # for weights that other tools consolidate
@@ -311,7 +316,7 @@ class Checkpointer:
             check_tag_files(tag_dir)
             rng = self.read_rng(tag_dir)
             buffers_file = tag_dir / f"lvvit_buffers_rank{dist.get_rank()}.pt"
-            buffers = read_buffers_file(buffers_file, self.engine.module) if buffers_file.is_file() else None
+            buffers = read_buffers_file(buffers_file, self.engine.module, self.ema) if buffers_file.is_file() else None
             if self.ema is not None:
                 self.restore_ema(tag_dir)
         except (CheckpointError, FileNotFoundError) as err:
@@ -319,6 +324,8 @@ class Checkpointer:
         ours = self.load_engine(tag_dir).get("lvvit", {})
         if buffers is not None:  # this rank's own statistics over rank 0's (older tags: rank 0's)
             own = dict(self.engine.module.named_buffers())
+            if self.ema is not None:
+                own.update({f"ema.{k}": self.ema.shadow[k] for k in self.ema.buffers})
             with torch.no_grad():
                 for name, value in buffers.items():
                     own[name].copy_(value)
