@@ -32,3 +32,13 @@ def run_measured(cmd: list[str], env: dict | None = None, timeout: float = 120) 
     output = result.stdout.decode(errors="replace")
     head, _, peak = output.rpartition("\npeak-rss-kib ")
     return result.returncode, head, int(peak) * 1024
+
+
+@pytest.fixture(autouse=True)
+def _no_process_wide_mlflow_uri(monkeypatch):
+    """In-process ``lvvit-export`` calls set MLflow's process-wide tracking URI, which would
+    outlive their test and win over a later test's ``MLFLOW_TRACKING_URI``; each test starts
+    as a fresh process does, the environment deciding."""
+    utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    if utils is not None:
+        monkeypatch.setattr(utils, "_tracking_uri", None)
