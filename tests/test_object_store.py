@@ -7,6 +7,7 @@ named, transient ones retried; and, slow, two-rank ``train.py`` from ``s3://``.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import http.server
 import json
@@ -206,9 +207,10 @@ def test_endpoint_url_s3_wins_and_transient_answers_are_retried(store: Store, sh
 
 
 @pytest.mark.slow
-def test_two_rank_training_from_s3_cached_then_with_the_store_down(store: Store, tmp_path: Path) -> None:
-    """``--shard-cache``: the first run fills the cache from the store, the second runs with
-    the store stopped, from the cache alone, to the same steps and eval (said in the log)."""
+def test_two_rank_training_from_s3_streamed_cached_then_with_the_store_down(store: Store, tmp_path: Path) -> None:
+    """Streamed from the store; then with ``--shard-cache``, which the run fills from the
+    store; then with the store stopped, from the cache alone (said in the log): the same
+    steps and eval each time."""
     from test_train import TINY, ds_config, launch
     from test_train import write_shards as write_colour_shards
 
@@ -221,23 +223,26 @@ def test_two_rank_training_from_s3_cached_then_with_the_store_down(store: Store,
               "--cooldown-epochs", "0", "--warmup-epochs", "0", "--lr", "3e-3", "--workers", "0",
               "--no-mlflow", "--no-system-metrics", "--save-every", "0", "--seed", "7", "--log-every", "1",
               "--train-shards", f"{url}train/data-{{000000..000002}}.tar", "--eval-shards", f"{url}eval/",
-              "--shard-cache", str(cache), "--shard-timeout", "5"]
+              "--shard-timeout", "5"]
     env = {**CREDENTIALS, "AWS_ENDPOINT_URL": store.endpoint, "AWS_CONFIG_FILE": "/nonexistent",
            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}
     runs = {}
-    for name in ("store up", "store down"):
+    for name in ("streamed", "store up", "store down"):
         if name == "store down":
             store.stop()
-        proc = launch([*common, "--output", str(tmp_path / name.replace(" ", "_"))], None, env_extra=env)
+        cached = [] if name == "streamed" else ["--shard-cache", str(cache)]
+        proc = launch([*common, *cached, "--output", str(tmp_path / name.replace(" ", "_"))], None, env_extra=env)
         log = proc.stdout + proc.stderr
         evals = re.findall(r"epoch 0 eval (\{[^}]*\})", log)
         assert evals, log[-3000:]
-        runs[name] = {"steps": re.findall(r"(\d+) steps/epoch", log)[-1], "eval": eval(evals[-1]),
+        runs[name] = {"steps": re.findall(r"(\d+) steps/epoch", log)[-1], "eval": ast.literal_eval(evals[-1]),
                       "warned": "running from the shard cache" in log, "skipped": "skipping shard" in log}
-    up, down = runs["store up"], runs["store down"]
-    assert up["steps"] == down["steps"] == "3" and not up["skipped"] and not down["skipped"]
-    assert not up["warned"] and down["warned"]
-    assert up["eval"]["eval/samples"] == down["eval"]["eval/samples"] == 24
-    assert up["eval"]["eval/top1"] == down["eval"]["eval/top1"]
-    assert up["eval"]["eval/loss"] == pytest.approx(down["eval"]["eval/loss"], rel=1e-6)
+    streamed, up, down = runs["streamed"], runs["store up"], runs["store down"]
+    assert streamed["steps"] == up["steps"] == down["steps"] == "3"
+    assert not any(run["skipped"] for run in runs.values())
+    assert not streamed["warned"] and not up["warned"] and down["warned"]
+    for run in (up, down):
+        assert run["eval"]["eval/samples"] == streamed["eval"]["eval/samples"] == 24
+        assert run["eval"]["eval/top1"] == streamed["eval"]["eval/top1"]
+        assert run["eval"]["eval/loss"] == pytest.approx(streamed["eval"]["eval/loss"], rel=1e-6)
     assert not any(p.name.endswith("data-000003.tar") for p in cache.iterdir())  # outside the pattern

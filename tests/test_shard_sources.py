@@ -6,6 +6,7 @@ read them: the training and eval loaders, ``train.py`` under the DeepSpeed launc
 
 from __future__ import annotations
 
+import ast
 import functools
 import http.server
 import json
@@ -271,7 +272,7 @@ def test_two_rank_training_from_http_matches_local(tmp_path: Path) -> None:
             assert evals, log[-3000:]
             runs[name] = {"steps_per_epoch": re.findall(r"(\d+) steps/epoch", log),
                           "tags": sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()),
-                          "eval": eval(evals[-1])}  # our own log line: a dict of floats
+                          "eval": ast.literal_eval(evals[-1])}  # our own log line: a dict of floats
     finally:
         server.stop()
     assert runs["local"]["steps_per_epoch"][-1] == runs["http"]["steps_per_epoch"][-1] == "3"  # 48 / (8 x 2)
