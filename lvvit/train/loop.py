@@ -12,10 +12,11 @@ import itertools
 import json
 import logging
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -53,7 +54,7 @@ from lvvit.train.preemption import (
 from lvvit.train.sample_log import SampleLog
 from lvvit.train.state import TrainState
 from lvvit.train.step import train_step
-from lvvit.train.tracking import flatten, git_commit, make_tracker, read_run_file
+from lvvit.train.tracking import make_tracker, read_run_file
 from lvvit.train.validate import Validator
 
 if TYPE_CHECKING:
@@ -70,6 +71,28 @@ FINISH_MARGIN = 5.0
 
 class NonFiniteLoss(RuntimeError):
     """Raised under ``--nan-policy stop``; the message names the checkpoint to resume from."""
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: one MLflow param per leaf."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def run_tags(config: TrainConfig, ds_config: dict, world: int, dtype: torch.dtype) -> dict[str, str]:

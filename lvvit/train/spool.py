@@ -235,15 +235,16 @@ CHECKS = {"create": _create, "resume": lambda r, o: None, "params": _params, "me
 
 # ----------------------------------------------------------------- the whole spool
 
-def parse_spool(path: Path, data: bytes, output: Path, runs: set[str]) -> list[dict[str, Any]]:
+def parse_spool(path: Path, data: bytes, output: Path, runs: set[str], created: bool = False
+                ) -> list[dict[str, Any]]:
     """The spool's records, each checked (:func:`check_shape`) and each bound to a run of
-    ``runs`` or to a ``create`` record before it; else exit naming the line. A torn last
-    line (the process died mid-write) is dropped."""
+    ``runs`` or to a ``create`` record before it (``created``: one before ``data``, sent in
+    an earlier piece); else exit naming the line. A torn last line (the process died
+    mid-write) is dropped."""
     records: list[dict[str, Any]] = []
     lines = data.split(b"\n")
     if lines[-1] == b"":
         lines.pop()
-    created = False
     for number, line in enumerate(lines, 1):
         try:
             record = _load(line)
@@ -285,10 +286,10 @@ class Spool:
     """Records not yet sent, appended as they come. Writers from two threads (the sender, and
     the training thread when the queue is full) share a lock."""
 
-    def __init__(self, output: Path, max_mb: float = MAX_SPOOL_MB) -> None:
+    def __init__(self, output: Path, max_mb: float | None = None) -> None:
         self.output = Path(output)
         self.path = self.output / SPOOL_FILE
-        self.max_bytes = int(max_mb * 1024 * 1024)
+        self.max_bytes = int((MAX_SPOOL_MB if max_mb is None else max_mb) * 1024 * 1024)
         self.lock = threading.Lock()
 
     def append(self, records: list[dict[str, Any]]) -> None:
@@ -301,19 +302,27 @@ class Spool:
     def pending(self) -> bool:
         return self.path.exists() and self.path.stat().st_size > 0
 
-    def take(self, runs: set[str] = frozenset()) -> tuple[list[dict[str, Any]], int]:
+    def take(self, runs: set[str] = frozenset(), whole: bool = True, created: bool = False
+             ) -> tuple[list[dict[str, Any]], int]:
         """The records now in the spool, all checked, and the byte offset they end at.
-        ``runs``: run ids besides those recorded in the folder (the live run's own)."""
+        ``runs``: run ids besides those recorded in the folder (the live run's own).
+        ``whole=False`` (the live sender): the whole lines of the first ``max_mb`` only, so
+        that an outage longer than the limit is sent in pieces rather than refused;
+        ``created``: a run made by an earlier piece's ``create`` takes records naming none."""
         with self.lock:
             if not self.path.exists():
                 return [], 0
             size = self.path.stat().st_size
-            if size > self.max_bytes:
+            if size > self.max_bytes and whole:
                 raise DataError(f"{self.path}: {size} bytes, over the limit of {self.max_bytes} "
                                  f"(replay --max-spool-mb); nothing was sent")
             with open(self.path, "rb") as f:
                 data = f.read(self.max_bytes + 1)
-        return parse_spool(self.path, data, self.output, recorded_runs(self.output) | runs), len(data)
+        if size > self.max_bytes:
+            data = data[: data.rfind(b"\n") + 1]
+            if not data:
+                raise DataError(f"{self.path}: line 1 is longer than the limit of {self.max_bytes} bytes")
+        return parse_spool(self.path, data, self.output, recorded_runs(self.output) | runs, created), len(data)
 
     def settle(self, unsent: list[dict[str, Any]], offset: int) -> None:
         """Keep ``unsent`` and whatever was appended after ``offset``; remove an empty spool."""

@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import queue
 import re
-import subprocess
 import sys
 import threading
 import time
@@ -69,28 +69,6 @@ RETRY_SECONDS = 15.0
 """How long the sender waits, after a failed call, before trying the spool again."""
 FINISH_SECONDS = 60.0
 """The longest the end of a run waits for the sender before leaving the rest in the spool."""
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: one MLflow param per leaf."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def bound_http_requests() -> None:
@@ -313,16 +291,21 @@ class MlflowTracker(NullTracker):
                         self.spool.path)
 
     def flush_spool(self) -> bool:
-        """Send the spool in order; ``True`` when it is empty afterwards."""
-        records, offset = self.spool.take({self.run_id} - {None})
-        unsent, self.run_id, err = send_all(self.client, records, self.run_id, self.output, on_run=self.created)
-        self.spool.settle(unsent, offset)
-        if err is not None:
-            self.go_offline(err)
-            return False
+        """Send the spool in order, a piece of at most ``MAX_SPOOL_MB`` at a time (an outage
+        may have spooled more than memory should hold); ``True`` when it is empty afterwards."""
+        sent = 0
+        while self.spool.pending():
+            records, offset = self.spool.take({self.run_id} - {None}, whole=False, created=self.run_id is not None)
+            unsent, self.run_id, err = send_all(self.client, records, self.run_id, self.output, on_run=self.created)
+            self.spool.settle(unsent, offset)
+            sent += len(records) - len(unsent)
+            if err is not None:
+                self.go_offline(err)
+                return False
+            if not records:
+                break
         if self.offline_warned:
-            log.info("MLflow at %s answers again: %d spooled records sent", self.client.tracking_uri,
-                     len(records))
+            log.info("MLflow at %s answers again: %d spooled records sent", self.client.tracking_uri, sent)
             self.offline_warned = False
         return not self.spool.pending()
 
@@ -338,7 +321,7 @@ class MlflowTracker(NullTracker):
             except queue.Empty:
                 record = None
             if self.spool.pending() and time.monotonic() >= self.next_try:
-                self.flush_spool()
+                self.try_flush()
             if record is None:
                 continue
             if record["kind"] == "end":
@@ -363,9 +346,18 @@ class MlflowTracker(NullTracker):
         """One last try at the spool, stop the system metrics, then close the run."""
         if self.monitor is not None:
             self.monitor.finish()
-        if self.spool.pending():
-            self.flush_spool()
+        if self.spool.pending() and self.next_try < math.inf:
+            self.try_flush()
         self.send(record)
+
+    def try_flush(self) -> None:
+        """``flush_spool`` for the sender: a spool line it cannot send stops the sending (said
+        once), never the thread; records keep going to the spool, for ``replay`` to judge."""
+        try:
+            self.flush_spool()
+        except DataError as err:
+            log.error("%s; training goes on and tracking records go on into the spool", err)
+            self.next_try = math.inf
 
     # the training thread
     def put(self, record: dict[str, Any]) -> None:
