@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from lvvit.environ import scoped_environ
 from lvvit.errors import ConfigError
 from lvvit.ports import free_port
 
@@ -93,21 +94,13 @@ def loopback_s3() -> Iterator[S3Server]:
     """An ``S3Server``, this process pointed at it (endpoint and dummy credentials; the user's
     profiles and endpoint are set aside until it stops)."""
     server = S3Server()
-    names = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE",
-             "AWS_SHARED_CREDENTIALS_FILE", *DUMMY_CREDENTIALS)
-    saved = {name: os.environ.get(name) for name in names}
-    os.environ.update({**DUMMY_CREDENTIALS, "AWS_ENDPOINT_URL": server.endpoint, "AWS_CONFIG_FILE": os.devnull,
-                       "AWS_SHARED_CREDENTIALS_FILE": os.devnull})
-    for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        os.environ.pop(name, None)
+    values: dict[str, str | None] = {**DUMMY_CREDENTIALS, "AWS_ENDPOINT_URL": server.endpoint,
+                                     "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+                                     "AWS_ENDPOINT_URL_S3": None, "AWS_PROFILE": None, "AWS_SESSION_TOKEN": None}
     try:
-        yield server
+        with scoped_environ(values):
+            yield server
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
         server.stop()
 
 

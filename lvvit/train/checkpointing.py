@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 import re
 import shutil
@@ -35,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from lvvit import atomic
+from lvvit.environ import scoped_environ
 from lvvit.errors import ConfigError, exits_on_error, first_line
 from lvvit.models.checkpoint import MODEL_ARGS_FILE, CheckpointError, check_data, load_data
 from lvvit.train.ema import ModelEma
@@ -159,17 +159,9 @@ def deepspeed_loads_data_only() -> Iterator[None]:
     ``deepspeed_safe_globals``), DeepSpeed's own included: its checkpoint engine,
     ``zero_to_fp32`` and universal-checkpoint loading pass ``weights_only=False``, and torch's
     ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` overrides that argument at every call."""
-    saved = {key: os.environ.pop(key, None) for key in (FORCE_DATA_ONLY, FORCE_PICKLE)}
-    os.environ[FORCE_DATA_ONLY] = "1"
-    try:
-        with torch.serialization.safe_globals(deepspeed_safe_globals()):
-            yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with scoped_environ({FORCE_DATA_ONLY: "1", FORCE_PICKLE: None}), \
+            torch.serialization.safe_globals(deepspeed_safe_globals()):
+        yield
 
 
 def rank_buffers(module: torch.nn.Module, ema: ModelEma | None = None) -> dict[str, torch.Tensor]:
