@@ -200,9 +200,9 @@ def interleaved_rates(specs: dict[str, str], args: argparse.Namespace, steps: in
     return rounds
 
 
-def report_rates(rounds: dict[str, list[LoaderRound]], names: dict[str, str]) -> float:
+def report_rates(rounds: dict[str, list[LoaderRound]], names: dict[str, str]) -> None:
     """Print the medians of each source and the ratio of the second to the first (the
-    target's figure: steady images/s, the first batch excluded); return that ratio."""
+    target's figure: steady images/s, the first batch excluded)."""
     (base, base_name), (other, other_name) = names.items()
     rate = {n: statistics.median(r.steady_rate for r in rounds[n]) for n in names}
     first = {n: statistics.median(r.first_batch_s for r in rounds[n]) for n in names}
@@ -210,9 +210,7 @@ def report_rates(rounds: dict[str, list[LoaderRound]], names: dict[str, str]) ->
           f"{other_name} {rate[other]:.1f}")
     print(f"to the first batch (worker start, shuffle buffer fill; median): {base_name} {first[base]:.2f} s, "
           f"{other_name} {first[other]:.2f} s")
-    ratio = rate[other] / rate[base]
-    print(f"speed ratio ({other} / {base}, after the first batch; target >= 0.9x): {ratio:.2f}x")
-    return ratio
+    print(f"speed ratio ({other} / {base}, after the first batch; target >= 0.9x): {rate[other] / rate[base]:.2f}x")
 
 
 def _loader_round(spec: str, args: argparse.Namespace, steps: int) -> LoaderRound:
