@@ -13,6 +13,7 @@ commits it.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -25,6 +26,13 @@ from typing import Any
 def temp_name(path: Path) -> Path:
     """The hidden, per-process temporary name ``path`` is written under before the rename."""
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def temporaries(path: Path) -> list[Path]:
+    """Every temporary ``path`` is being or was written under, by any process: after a
+    kill, what a resumed single-writer job removes (never renames)."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
 
 
 def fsync_path(path: Path) -> None:

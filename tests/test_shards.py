@@ -200,6 +200,24 @@ def test_other_build_in_same_folder_is_refused_then_overwritten(folder, tmp_path
     assert json.loads((tmp_path / "train-summary.json").read_text())["settings"]["seed"] == 9
 
 
+def test_a_resumed_build_removes_what_a_killed_one_was_writing(folder, tmp_path):
+    """Temporaries a SIGKILL left (a tar, the summary, the manifest) are gone after the next
+    run of the same build; nothing else is touched."""
+    root, _, _ = folder
+    args = ["build", str(root), "--out", str(tmp_path), "--workers", "1", "--shard-size", "4", "--quiet"]
+    with pytest.raises(SystemExit):
+        main(args)
+    stale = [tmp_path / ".train-summary.json.4000001.tmp", tmp_path / ".manifest.json.4000002.tmp",
+             tmp_path / "train-000099.tar.tmp"]
+    for path in stale:
+        path.write_text("half")
+    (tmp_path / "notes.tmp").write_text("the user's")
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 0
+    assert not any(path.exists() for path in stale) and (tmp_path / "notes.tmp").read_text() == "the user's"
+
+
 def test_killed_build_leaves_no_complete_looking_tar_and_resumes(tmp_path):
     """SIGKILL mid-build (while a slow oversized image is being re-encoded), then re-run:
     the result is byte-identical to an uninterrupted build."""

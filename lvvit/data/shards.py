@@ -267,10 +267,13 @@ class _Progress:
 
 
 def _check_out_dir(out: Path, prefix: str, summary_path: Path, fingerprint: str, overwrite: bool) -> dict:
-    """Previous state to resume from, or {}; refuses to mix two different builds."""
-    stale = sorted(out.glob(f"{prefix}-*.tar.tmp"))
+    """Previous state to resume from, or {}; refuses to mix two different builds. What a
+    killed build was writing (a shard, the summary, the manifest) is removed first."""
+    stale = [*out.glob(f"{prefix}-*.tar.tmp"),
+             *(tmp for name in (summary_path.name, "manifest.json", "classes.json")
+               for tmp in atomic.temporaries(out / name))]
     for path in stale:
-        path.unlink()
+        path.unlink(missing_ok=True)
     existing = sorted(out.glob(f"{prefix}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
     previous = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     if previous.get("fingerprint") == fingerprint:
